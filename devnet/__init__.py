@@ -1,0 +1,1 @@
+"""Local devnet, demos and benchmarks."""

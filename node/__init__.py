@@ -1,0 +1,1 @@
+"""Weft node runtime (trio shell around `protocols`)."""

@@ -1,0 +1,206 @@
+"""The `weft` command line.
+
+`main(argv)` parses the arguments, runs one subcommand and returns the process exit code.
+Expected failures (a missing or malformed key file, a refused overwrite, a bad argument)
+print one line on stderr and return 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import NoReturn
+
+from protocols.errors import InvalidValue
+from protocols.signing import Signer
+
+DISTRIBUTION = "weft"
+EXIT_USAGE = 2
+KEY_FILE_MODE = 0o600
+
+
+class CliError(Exception):
+    """An expected failure, reported as one line on stderr and exit code 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises `CliError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see '{self.prog} --help')")
+
+
+def new_private_key() -> bytes:
+    """32 random bytes that are a valid secp256k1 private key (0 < k < n)."""
+    while True:
+        candidate = secrets.token_bytes(32)
+        try:
+            Signer(candidate)
+        except InvalidValue:
+            continue  # probability about 2**-128: zero or not below the group order
+        return candidate
+
+
+def parse_private_key(text: str) -> bytes:
+    """The key in a key file's text: 64 hex digits, optional `0x`, surrounding whitespace."""
+    text = text.strip()
+    if text[:2] in ("0x", "0X"):
+        text = text[2:]
+    if len(text) != 64:
+        raise InvalidValue("not 64 hex digits")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InvalidValue("not 64 hex digits") from None
+
+
+def read_key_file(path: Path) -> Signer:
+    """The signer for the key stored in `path`; raise `CliError` with a reason otherwise."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise CliError(f"key file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read key file {path}: {_reason(exc)}") from None
+    try:
+        return Signer(parse_private_key(text))
+    except InvalidValue as exc:
+        raise CliError(
+            f"key file {path} does not hold a valid secp256k1 private key ({exc})"
+        ) from None
+
+
+def write_key_file(path: Path, key: bytes, *, force: bool) -> None:
+    """Write `key` as hex to `path` with mode 0600, atomically.
+
+    The key goes to a temporary file beside `path` first, so a crash never leaves a partial
+    key file. Without `force` an existing `path` is never replaced (raises `CliError`).
+    """
+    if not force and (path.exists() or path.is_symlink()):
+        raise CliError(f"{path} already exists; use --force to overwrite it")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+        try:
+            os.fchmod(fd, KEY_FILE_MODE)  # exactly 0600 whatever the umask
+            os.write(fd, key.hex().encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if `path` appeared in the meantime
+    except FileExistsError:
+        raise CliError(f"{path} already exists; use --force to overwrite it") from None
+    except OSError as exc:
+        raise CliError(f"cannot write key file {path}: {_reason(exc)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    try:
+        print(metadata.version(DISTRIBUTION))
+    except metadata.PackageNotFoundError:
+        raise CliError(f"distribution {DISTRIBUTION!r} is not installed") from None
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key = new_private_key()
+    address = Signer(key).address
+    if args.out is None:
+        print(key.hex())
+        print(address, file=sys.stderr)
+    else:
+        write_key_file(args.out, key, force=args.force)
+        print(address)
+    return 0
+
+
+def cmd_address(args: argparse.Namespace) -> int:
+    print(read_key_file(args.key).address)
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    try:
+        sim = importlib.import_module("devnet.sim")
+    except ModuleNotFoundError as exc:
+        if exc.name == "devnet.sim":
+            raise CliError("the simulation (devnet.sim) is not part of this install") from None
+        raise CliError(f"cannot load devnet.sim: {exc}") from None
+    result = sim.main(list(args.sim_args))
+    return int(result or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="weft", description="Weft: peer-to-peer payment threads on Ethereum."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    version = commands.add_parser("version", help="print the installed weft version")
+    version.set_defaults(run=cmd_version)
+
+    keygen = commands.add_parser("keygen", help="create a new secp256k1 node key")
+    keygen.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the key as hex to FILE (mode 0600) and print its address; "
+        "without it the key goes to stdout and the address to stderr",
+    )
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing FILE")
+    keygen.set_defaults(run=cmd_keygen)
+
+    address = commands.add_parser("address", help="print the Ethereum address of a key file")
+    address.add_argument("--key", type=Path, metavar="FILE", required=True, help="key file")
+    address.set_defaults(run=cmd_address)
+
+    sim = commands.add_parser(
+        "sim",
+        help="run the in-process protocol simulation (arguments go to it unchanged)",
+        add_help=False,
+    )
+    sim.set_defaults(run=cmd_sim)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `weft` command line on `argv` (default: `sys.argv[1:]`); return the exit code."""
+    parser = build_parser()
+    try:
+        try:
+            # Unknown arguments are allowed only for `sim`, which passes them on verbatim.
+            args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        except SystemExit as exc:  # --help printed its text
+            return exc.code if isinstance(exc.code, int) else 0
+        if args.command == "sim":
+            args.sim_args = extra
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        code: int = args.run(args)
+        return code
+    except CliError as exc:
+        print(f"weft: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
