@@ -1,7 +1,9 @@
 """What a state machine step returns: the new state, the effects to perform, a rejection.
 
 Effects are performed by the node only after the new state is committed (DESIGN.md's
-durability rule). A step that rejects its input returns the state it was given, unchanged.
+durability rule). A step that rejects its input returns the state it was given, unchanged,
+with one exception: a proposal refused with NONCE_CONFLICT records the conflict
+(`in_conflict`), so the node commits `Transition.state` whether or not it is a rejection.
 """
 
 from __future__ import annotations
