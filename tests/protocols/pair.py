@@ -14,9 +14,21 @@ from typing import Any
 
 from protocols.effects import Receive, Send, Transition
 from protocols.signing import Signer
-from protocols.types import Address
+from protocols.types import Address, Signature
 
 StepFn = Callable[[Any, Any, Signer], Transition[Any]]
+
+
+class RecordingSigner(Signer):
+    """A `Signer` that remembers every digest it signed (for no-double-sign checks)."""
+
+    def __init__(self, private_key: bytes) -> None:
+        super().__init__(private_key)
+        self.digests: list[bytes] = []
+
+    def sign_digest(self, digest: bytes) -> Signature:
+        self.digests.append(digest)
+        return super().sign_digest(digest)
 
 
 @dataclass

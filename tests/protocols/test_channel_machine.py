@@ -67,7 +67,7 @@ from protocols.types import (
     ThreadKey,
     ThreadState,
 )
-from tests.protocols.pair import End, Pair
+from tests.protocols.pair import End, Pair, RecordingSigner
 
 DOMAIN = Domain(1337, Address(b"\x22" * 20))
 HUB_KEY = (20).to_bytes(32, "big")
@@ -83,18 +83,6 @@ HUB, USER_A, USER_B, STRANGER = (
     Signer(STRANGER_KEY),
 )
 TIMEOUT = 100
-
-
-class RecordingSigner(Signer):
-    """A `Signer` that remembers every digest it signed."""
-
-    def __init__(self, private_key: bytes) -> None:
-        super().__init__(private_key)
-        self.digests: list[bytes] = []
-
-    def sign_digest(self, digest: bytes) -> Signature:
-        self.digests.append(digest)
-        return super().sign_digest(digest)
 
 
 class Recorder:

@@ -50,8 +50,8 @@ from protocols.thread import (
     propose_thread,
     step,
 )
-from protocols.types import Address, Assets, Signature, ThreadState
-from tests.protocols.pair import End, Pair
+from protocols.types import Address, Assets, ThreadState
+from tests.protocols.pair import End, Pair, RecordingSigner
 
 DOMAIN = Domain(1337, Address(b"\x11" * 20))
 KEY_A = (1).to_bytes(32, "big")
@@ -63,18 +63,6 @@ FORGE_A, FORGE_B, FORGE_C = Signer(KEY_A), Signer(KEY_B), Signer(KEY_C)
 THREAD_ID = 7
 LOCK_A = Assets(100, 10)  # what A and B lock by default
 LOCK_B = Assets(50, 5)
-
-
-class RecordingSigner(Signer):
-    """A `Signer` that remembers every digest it signed."""
-
-    def __init__(self, private_key: bytes) -> None:
-        super().__init__(private_key)
-        self.digests: list[bytes] = []
-
-    def sign_digest(self, digest: bytes) -> Signature:
-        self.digests.append(digest)
-        return super().sign_digest(digest)
 
 
 class Recorder:

@@ -81,7 +81,7 @@ from protocols.types import (
     ThreadKey,
     ThreadState,
 )
-from tests.protocols.pair import End, Pair
+from tests.protocols.pair import End, Pair, RecordingSigner
 
 DOMAIN = Domain(chain_id=1337, verifying_contract=Address(b"\xc0" * 20))
 DRAIN_LIMIT = 2_000  # deliveries before a drain counts as a livelock (runs need < 200)
@@ -105,18 +105,6 @@ def minus(x: Vec, y: Vec) -> Vec:
 def hub_part(state: ThreadState, user: Address) -> Assets:
     """What the hub locks of `state` in `user`'s channel: the other party's balance."""
     return state.balance_receiver if user == state.sender else state.balance_sender
-
-
-class RecordingSigner(Signer):
-    """A signer that remembers every digest it signs."""
-
-    def __init__(self, private_key: bytes) -> None:
-        super().__init__(private_key)
-        self.signed: list[bytes] = []
-
-    def sign_digest(self, digest: bytes) -> Any:
-        self.signed.append(digest)
-        return super().sign_digest(digest)
 
 
 class Link(Pair):
@@ -592,12 +580,12 @@ class World:
         """No signer signed two different states for one (channel or thread, nonce)."""
         for address, signer in self.signers.items():
             slots = self.signed_slots[address]
-            for digest in signer.signed[self.signed_checked[address] :]:
+            for digest in signer.digests[self.signed_checked[address] :]:
                 slot = self.slots.get(digest)
                 assert slot is not None, f"{address} signed a state no message carried"
                 previous = slots.setdefault(slot, digest)
                 assert previous == digest, f"{address} signed two states for {slot}"
-            self.signed_checked[address] = len(signer.signed)
+            self.signed_checked[address] = len(signer.digests)
 
     def _check_latest_nonce(self, end: End, nonce: int) -> None:
         last = self.latest_nonce.get(id(end), 0)
