@@ -470,14 +470,14 @@ def _pump(
     side: ChannelSide, signer: Signer, effects: tuple[object, ...]
 ) -> Transition[ChannelSide]:
     """Propose the next queued update if nothing is in flight and the conflict rule allows."""
-    failed: list[object] = []
+    produced: list[object] = []
     while side.outgoing is None and side.queued and not side.holding and not side.in_conflict:
         update, rest = side.queued[0], side.queued[1:]
         nonce = next_nonce(side.max_signed, side.floor)
         try:
             state, threads = apply_update(side, side.role, update, nonce)
         except Refusal as refusal:
-            failed.append(EventUpdateFailed(update, refusal.reason, refusal.detail))
+            produced.append(EventUpdateFailed(update, refusal.reason, refusal.detail))
             side = replace(side, queued=rest)
             continue
         signature = signer.sign_digest(channel_state_digest(side.domain, state))
@@ -488,8 +488,8 @@ def _pump(
             queued=rest,
             max_signed=nonce,
         )
-        failed.append(Send(side.peer, ChannelProposal(update, state, prev, signature)))
-    return Transition(side, (*effects, *failed))
+        produced.append(Send(side.peer, ChannelProposal(update, state, prev, signature)))
+    return Transition(side, (*effects, *produced))
 
 
 def _signed(
