@@ -108,6 +108,9 @@ class ChannelSide:
     now: int = 0  # latest block timestamp seen
     max_threads: int = DEFAULT_MAX_THREADS
     pending_window: int = DEFAULT_PENDING_WINDOW
+    # Keys of threads this channel has closed: a thread key is used once (SPEC, Channel
+    # updates), because the contract cannot tell two threads with one initial state apart.
+    closed_threads: frozenset[ThreadKey] = frozenset()
 
     @property
     def me(self) -> Address:
@@ -382,6 +385,8 @@ def apply_update(
         user_part, hub_part = _side_amounts(initial, side.user)
         if side.open_thread(initial.key) is not None:
             raise Refusal(RejectReason.THREAD_ALREADY_OPEN, "thread already open")
+        if initial.key in side.closed_threads:
+            raise Refusal(RejectReason.THREAD_ALREADY_OPEN, "thread key used before")
         if len(threads) >= side.max_threads:
             raise Refusal(RejectReason.TOO_MANY_THREADS, f"at most {side.max_threads} threads")
         if not _thread_double_signed(side.domain, initial, update.sig_sender, update.sig_receiver):
@@ -595,8 +600,14 @@ def _receive_proposal(
     effects: list[object] = [Send(side.peer, ChannelCountersign(side.user, nonce, signature))]
     effects.extend(_submit_effects(side, signed))
     effects.append(EventChannelUpdated(update, signed, side.role.other))
-    side = replace(side, latest=signed, threads=threads, max_signed=nonce)
+    side = replace(_with_threads(side, threads), latest=signed, max_signed=nonce)
     return Transition(side, tuple(effects))
+
+
+def _with_threads(side: ChannelSide, threads: tuple[SignedThreadState, ...]) -> ChannelSide:
+    """`side` with `threads` open; the threads no longer open join `closed_threads`."""
+    closed = {t.state.key for t in side.threads} - {t.state.key for t in threads}
+    return replace(side, threads=threads, closed_threads=side.closed_threads | closed)
 
 
 def _receive_countersign(
@@ -617,7 +628,7 @@ def _receive_countersign(
         *_submit_effects(side, signed),
         EventChannelUpdated(outgoing.update, signed, side.role),
     )
-    side = replace(side, latest=signed, threads=outgoing.threads, outgoing=None)
+    side = replace(_with_threads(side, outgoing.threads), latest=signed, outgoing=None)
     return _pump(side, signer, effects)
 
 
@@ -722,9 +733,8 @@ def _receive_sync(
     else:
         effects.append(EventChannelSynced(signed))
     side = replace(
-        side,
+        _with_threads(side, threads),
         latest=signed,
-        threads=threads,
         outgoing=outgoing,
         max_signed=max(side.max_signed, state.tx_count_global),
     )

@@ -672,6 +672,19 @@ def test_refused_thread_already_open(funded: Pair) -> None:
     expect_proposal_refused(funded, funded.a, proposal, RejectReason.THREAD_ALREADY_OPEN)
 
 
+def test_refused_reopening_a_closed_thread_key(funded: Pair) -> None:
+    """A thread key is used once: the contract could not tell the two threads apart."""
+    initial = double_sign(thread_initial(Assets(1), Assets(1)))
+    propose(funded, funded.a, open_update(initial))
+    propose(funded, funded.a, close_update(initial))
+    for side in (funded.a, funded.b):
+        assert side.state.closed_threads == {initial.state.key}
+        assert side.state.threads == ()
+    proposal = raw_proposal(USER_A, open_update(initial), next_state(funded.a))
+    detail = expect_proposal_refused(funded, funded.a, proposal, RejectReason.THREAD_ALREADY_OPEN)
+    assert detail == "thread key used before"
+
+
 def test_refused_thread_not_open(funded: Pair) -> None:
     final = double_sign(thread_initial(Assets(1), Assets(1)))
     proposal = raw_proposal(USER_A, close_update(final), next_state(funded.a))
