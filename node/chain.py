@@ -155,13 +155,41 @@ class ThreadSettledLog(ChainLog):
     to_hub: Assets
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelReopenedLog(ChainLog):
+    """`user`'s exit is complete; `unassigned` (normally zero) went to the reserve."""
+
+    user: Address
+    unassigned: Assets
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutDeferredLog(ChainLog):
+    """`recipient` refused a payout of `amount`; it is kept for it to claim."""
+
+    recipient: Address
+    amount: Assets
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutClaimedLog(ChainLog):
+    """`recipient` claimed its deferred payouts, `amount`, paid to `to`."""
+
+    recipient: Address
+    to: Address
+    amount: Assets
+
+
 ManagerLog = (
     ReserveDepositedLog
     | ReserveWithdrawnLog
     | ChannelRecordChangedLog
     | ChannelPaidOutLog
+    | ChannelReopenedLog
     | ThreadDisputeChangedLog
     | ThreadSettledLog
+    | PayoutDeferredLog
+    | PayoutClaimedLog
 )
 
 
@@ -1108,5 +1136,24 @@ class ManagerClient(_ContractClient):
                 leaf=bytes(a["leaf"]),
                 to_user=Assets(a["userEth"], a["userToken"]),
                 to_hub=Assets(a["hubEth"], a["hubToken"]),
+            )
+        if name == "ChannelReopened":
+            return ChannelReopenedLog(
+                *at,
+                user=Address.from_hex(a["user"]),
+                unassigned=Assets(a["unassignedEth"], a["unassignedToken"]),
+            )
+        if name == "PayoutDeferred":
+            return PayoutDeferredLog(
+                *at,
+                recipient=Address.from_hex(a["recipient"]),
+                amount=Assets(a["amountEth"], a["amountToken"]),
+            )
+        if name == "PayoutClaimed":
+            return PayoutClaimedLog(
+                *at,
+                recipient=Address.from_hex(a["recipient"]),
+                to=Address.from_hex(a["to"]),
+                amount=Assets(a["amountEth"], a["amountToken"]),
             )
         raise ChainDataError(f"unknown ChannelManager event {name}")

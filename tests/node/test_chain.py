@@ -29,7 +29,10 @@ from node.chain import (
     ChainService,
     ChannelPaidOutLog,
     ChannelRecordChangedLog,
+    ChannelReopenedLog,
     ManagerClient,
+    PayoutClaimedLog,
+    PayoutDeferredLog,
     ReserveDepositedLog,
     ReserveWithdrawnLog,
     TokenClient,
@@ -45,6 +48,7 @@ from node.chain_errors import (
 )
 from node.contracts import ArtifactError, load_artifact, parse_artifact
 from protocols.eip712 import Domain
+from protocols.keccak import keccak
 from protocols.onchain import (
     GENESIS_RECORD,
     ChannelPhase,
@@ -401,7 +405,9 @@ async def test_start_exit_time_travel_and_empty_channel(world: World) -> None:
     tokens_before = await world.token.balance_of(user.address)
     receipt = await m.empty_channel(user.address, log.record, sender_key=world.other.key)
     expected, payout = emptied_record(log.record, now)
-    changed, paid = receipt.logs
+    reopened, changed, paid = receipt.logs
+    assert isinstance(reopened, ChannelReopenedLog)
+    assert (reopened.user, reopened.unassigned) == (user.address, NO_ASSETS)
     assert isinstance(changed, ChannelRecordChangedLog) and isinstance(paid, ChannelPaidOutLog)
     assert changed.action is Action.EMPTY_CHANNEL and changed.record == expected
     assert (paid.user, paid.to_user, paid.to_hub) == (user.address, deposit, NO_ASSETS)
@@ -499,3 +505,39 @@ def test_artifacts_load_without_the_compiler() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+async def test_refused_payout_is_deferred_and_claimed(world: World) -> None:
+    """A withdrawal to a contract that refuses ETH is kept for it (PayoutDeferred); the
+    contract claims it on to another address (PayoutClaimed). Both logs decode."""
+    m = world.manager
+    rejector_address = await world.chain.deploy(load_artifact("Rejector"), sender_key=world.hub.key)
+    _, record1 = await world.user_deposit(Assets(2 * ETHER, 10))
+    state2 = world.state(
+        recipient=rejector_address,
+        balance_user=Assets(ETHER, 10),
+        pending_withdrawal_user=Assets(ETHER, 0),
+        tx_count_global=2,
+        tx_count_onchain=2,
+        timeout=await world.chain.timestamp() + 3600,
+    )
+    receipt = await m.hub_authorized_update(
+        record1, state2, *world.sign(state2), sender_key=world.hub.key
+    )
+    deferred = [log for log in receipt.logs if isinstance(log, PayoutDeferredLog)]
+    assert [(log.recipient, log.amount) for log in deferred] == [
+        (rejector_address, Assets(ETHER, 0))
+    ]
+    assert await world.chain.eth_balance(rejector_address) == 0
+
+    to = world.other.address
+    before = await world.chain.eth_balance(to)
+    selector = keccak(b"claimFrom(address,address)")[:4]
+    data = selector + bytes(12) + m.address.raw + bytes(12) + to.raw
+    await world.chain.transact(sender_key=world.hub.key, to=rejector_address, data=data)
+    assert await world.chain.eth_balance(to) == before + ETHER
+    logs, _ = await m.events_since(receipt.block_number + 1)
+    claimed = [log for log in logs if isinstance(log, PayoutClaimedLog)]
+    assert [(log.recipient, log.to, log.amount) for log in claimed] == [
+        (rejector_address, to, Assets(ETHER, 0))
+    ]
