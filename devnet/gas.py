@@ -52,10 +52,11 @@ from web3 import Web3
 from web3.logs import DISCARD
 from web3.providers.eth_tester import EthereumTesterProvider
 
+from protocols.channel import genesis_state
 from protocols.eip712 import Domain
 from protocols.onchain import ChannelRecord, ThreadDispute, channel_state_abi, thread_state_abi
 from protocols.signing import Signer
-from protocols.thread_root import EMPTY_THREAD_ROOT, thread_leaf, thread_proof, thread_root
+from protocols.thread_root import thread_leaf, thread_proof, thread_root
 from protocols.types import NO_ASSETS, Address, Assets, ChannelState, ThreadState
 
 BUILD_DIR = Path(__file__).resolve().parent.parent / "protocols" / "contracts" / "build"
@@ -260,21 +261,7 @@ class Channel:
         self.chain = chain
         self.user = user
         self.threads: tuple[ThreadState, ...] = ()
-        self.state = ChannelState(
-            user=user.address,
-            recipient=user.address,
-            balance_hub=NO_ASSETS,
-            balance_user=NO_ASSETS,
-            pending_deposit_hub=NO_ASSETS,
-            pending_deposit_user=NO_ASSETS,
-            pending_withdrawal_hub=NO_ASSETS,
-            pending_withdrawal_user=NO_ASSETS,
-            tx_count_global=0,
-            tx_count_onchain=0,
-            thread_root=EMPTY_THREAD_ROOT,
-            thread_count=0,
-            timeout=0,
-        )
+        self.state = genesis_state(user.address)
 
     def next(self, **fields: Any) -> ChannelState:
         self.state = replace(self.state, tx_count_global=self.state.tx_count_global + 1, **fields)

@@ -25,6 +25,7 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 from web3.providers.eth_tester import EthereumTesterProvider
 
+from protocols.channel import genesis_state
 from protocols.eip712 import Domain
 from protocols.onchain import (
     ChannelRecord,
@@ -33,8 +34,8 @@ from protocols.onchain import (
     thread_state_abi,
 )
 from protocols.signing import Signer
-from protocols.thread_root import EMPTY_THREAD_ROOT, thread_leaf
-from protocols.types import NO_ASSETS, Address, Assets, ChannelState, ThreadState
+from protocols.thread_root import thread_leaf
+from protocols.types import Address, Assets, ChannelState, ThreadState
 
 BUILD_DIR = Path(__file__).resolve().parents[2] / "protocols" / "contracts" / "build"
 CHALLENGE_PERIOD = 1000
@@ -222,21 +223,7 @@ class Deployment:
 
     def state(self, user: Party, **fields: Any) -> ChannelState:
         """A channel state of `user`: all zero, recipient = user, unless given."""
-        base = ChannelState(
-            user=user.address,
-            recipient=user.address,
-            balance_hub=NO_ASSETS,
-            balance_user=NO_ASSETS,
-            pending_deposit_hub=NO_ASSETS,
-            pending_deposit_user=NO_ASSETS,
-            pending_withdrawal_hub=NO_ASSETS,
-            pending_withdrawal_user=NO_ASSETS,
-            tx_count_global=0,
-            tx_count_onchain=0,
-            thread_root=EMPTY_THREAD_ROOT,
-            thread_count=0,
-            timeout=0,
-        )
+        base = genesis_state(user.address)
         return replace(base, **fields)
 
     def sign(

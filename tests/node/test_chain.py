@@ -47,6 +47,7 @@ from node.chain_errors import (
     TransactionFailed,
 )
 from node.contracts import ArtifactError, load_artifact, parse_artifact
+from protocols.channel import genesis_state
 from protocols.eip712 import Domain
 from protocols.keccak import keccak
 from protocols.onchain import (
@@ -59,7 +60,6 @@ from protocols.onchain import (
     record_hash,
 )
 from protocols.signing import Signer
-from protocols.thread_root import EMPTY_THREAD_ROOT
 from protocols.types import NO_ASSETS, Address, Assets, ChannelState
 from tests.node import anvil
 from tests.node.anvil import require_anvil, running_anvil
@@ -118,21 +118,7 @@ class World:
 
     def state(self, **fields: Any) -> ChannelState:
         """A state of `user`'s channel: all zero, recipient = user, unless given."""
-        base = ChannelState(
-            user=self.user.address,
-            recipient=self.user.address,
-            balance_hub=NO_ASSETS,
-            balance_user=NO_ASSETS,
-            pending_deposit_hub=NO_ASSETS,
-            pending_deposit_user=NO_ASSETS,
-            pending_withdrawal_hub=NO_ASSETS,
-            pending_withdrawal_user=NO_ASSETS,
-            tx_count_global=0,
-            tx_count_onchain=0,
-            thread_root=EMPTY_THREAD_ROOT,
-            thread_count=0,
-            timeout=0,
-        )
+        base = genesis_state(self.user.address)
         return replace(base, **fields)
 
     def sign(self, state: ChannelState) -> tuple[bytes, bytes]:

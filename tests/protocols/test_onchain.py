@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from protocols.channel import genesis_state
 from protocols.errors import InvalidValue
 from protocols.keccak import keccak
 from protocols.onchain import (
@@ -29,7 +30,6 @@ from protocols.onchain import (
     thread_settled_record,
     thread_shares,
 )
-from protocols.thread_root import EMPTY_THREAD_ROOT
 from protocols.types import NO_ASSETS, Address, Assets, ChannelState, ThreadState
 
 A = Address(b"\x11" * 20)
@@ -38,21 +38,7 @@ C = Address(b"\x33" * 20)
 
 
 def state(**fields: object) -> ChannelState:
-    base = ChannelState(
-        user=A,
-        recipient=A,
-        balance_hub=NO_ASSETS,
-        balance_user=NO_ASSETS,
-        pending_deposit_hub=NO_ASSETS,
-        pending_deposit_user=NO_ASSETS,
-        pending_withdrawal_hub=NO_ASSETS,
-        pending_withdrawal_user=NO_ASSETS,
-        tx_count_global=1,
-        tx_count_onchain=1,
-        thread_root=EMPTY_THREAD_ROOT,
-        thread_count=0,
-        timeout=100,
-    )
+    base = replace(genesis_state(A), tx_count_global=1, tx_count_onchain=1, timeout=100)
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
