@@ -36,9 +36,7 @@ exited).
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -713,25 +711,6 @@ class Run:
         assert moved == holdings
 
 
-@contextlib.contextmanager
-def one_run_per_transaction(d: Deployment) -> Iterator[None]:
-    """Send transactions without web3's gas estimate, a binary search of some twenty py-evm
-    runs that takes three quarters of a transaction's time here. One `eth_call` on the
-    pending block (where the transaction lands) still stops a reverting call with its
-    reason, as the estimate would."""
-    eth = d.w3.eth
-
-    def estimate(tx: Any, *_: Any, **__: Any) -> int:
-        eth.call(tx, "pending")
-        return 5_000_000
-
-    setattr(eth, "estimate_gas", estimate)  # noqa: B010 (a method: mypy refuses `=`)
-    try:
-        yield
-    finally:
-        delattr(eth, "estimate_gas")  # the class's method again
-
-
 # 25 examples, to stay within ~60 s on the 2-core machine with a margin: the session's
 # deployment (conftest) serves them all, each undone by a snapshot; an example sends 10-30
 # transactions (~40 ms each without the gas estimate) and reads the contract after each
@@ -747,7 +726,7 @@ def one_run_per_transaction(d: Deployment) -> Iterator[None]:
 @given(scenario=scenarios())
 def test_random_exits_move_every_unit_exactly(deployment: Deployment, scenario: Scenario) -> None:
     d = deployment
-    with d.snapshot(), one_run_per_transaction(d):
+    with d.snapshot():
         catch_up(d)
         run = Run(d)
         for amount in scenario.reserve:
