@@ -58,11 +58,11 @@ from node.chain_errors import (
 from node.contracts import CHANNEL_MANAGER, TEST_TOKEN, Artifact, load_artifact
 from protocols.eip712 import Domain
 from protocols.errors import WeftProtocolError
-from protocols.keccak import keccak
 from protocols.onchain import (
     ChannelRecord,
     ThreadDispute,
     channel_state_abi,
+    settled_key,
     thread_state_abi,
 )
 from protocols.types import Address, Assets, ChannelState, Signature, ThreadState
@@ -831,7 +831,7 @@ class ManagerClient(_ContractClient):
         return bytes(await self._view("threadDisputeHash", leaf))
 
     async def thread_settled(self, user: Address, leaf: bytes) -> bool:
-        return bool(await self._view("threadSettled", keccak(user.raw + leaf)))
+        return bool(await self._view("threadSettled", settled_key(user, leaf)))
 
     # --- hub reserve ----------------------------------------------------------------------------
 

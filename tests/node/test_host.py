@@ -294,7 +294,7 @@ async def test_failing_handler_keeps_host_serving() -> None:
         await s2.close()
 
 
-async def test_dial_closed_port_is_unreachable_fast() -> None:
+async def test_dial_closed_port_is_unreachable_after_one_attempt() -> None:
     async with open_host(_key()) as a:
         other = peer_identity(_key()).peer_id
         # libp2p's default is 3 retries with backoff (~0.7 s per refused dial); the node
