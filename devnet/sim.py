@@ -18,35 +18,18 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from protocols import channel as ch
+from protocols import roles
 from protocols import thread as th
 from protocols.effects import Receive, Send
 from protocols.eip712 import Domain
 from protocols.keccak import keccak
-from protocols.messages import (
-    ChannelCountersign,
-    ChannelProposal,
-    ChannelReject,
-    ChannelResume,
-    ChannelSync,
-    Message,
-    SignedThreadState,
-    ThreadCloseNotice,
-    ThreadCountersign,
-    ThreadOpenProposal,
-    ThreadProposal,
-    ThreadReject,
-    ThreadResume,
-    ThreadSync,
-    UpdateCloseThread,
-    UpdateConfirmPending,
-    UpdateOpenThread,
-    UpdatePending,
-)
+from protocols.messages import Message
 from protocols.signing import Signer
-from protocols.types import NO_ASSETS, Address, Assets, Party, ThreadKey, ThreadState
+from protocols.types import Address, Assets, Party, ThreadKey
 
 CHAIN_ID = 1337
 PENDING_TIMEOUT = 600
@@ -83,16 +66,29 @@ class Ledger:
 @dataclass
 class Node:
     signer: Signer
-    channels: dict[Address, ch.ChannelSide] = field(default_factory=dict)
-    threads: dict[ThreadKey, th.ThreadSide] = field(default_factory=dict)
+    state: roles.NodeState
+    done: dict[int, roles.EventOpDone | roles.EventOpFailed] = field(default_factory=dict)
 
     @property
     def address(self) -> Address:
         return self.signer.address
 
+    @property
+    def channels(self) -> Mapping[Address, ch.ChannelSide]:
+        return self.state.channels
+
+    @property
+    def threads(self) -> Mapping[ThreadKey, th.ThreadSide]:
+        return self.state.threads
+
 
 class World:
-    """A hub, its users, their links (FIFO per direction) and the ledger."""
+    """A hub, its users, their links (FIFO per direction) and the ledger.
+
+    Every node is one `protocols.roles` machine: the scenario only makes requests (deposit,
+    open a thread, pay, close, withdraw) and delivers messages; the hub's coordination is
+    the hub's own.
+    """
 
     def __init__(self, users: int, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -101,8 +97,12 @@ class World:
             return keccak(f"weft-sim/{seed}/{label}".encode())
 
         self.domain = Domain(CHAIN_ID, Address(keccak(b"weft-sim-contract")[12:]))
-        self.hub = Node(Signer(key("hub")))
-        self.users = [Node(Signer(key(f"user{i}"))) for i in range(users)]
+        hub_signer = Signer(key("hub"))
+        self.hub = self._node(hub_signer, Party.HUB, hub_signer.address)
+        self.users = [
+            self._node(Signer(key(f"user{i}")), Party.USER, hub_signer.address)
+            for i in range(users)
+        ]
         self.nodes = {n.address: n for n in (self.hub, *self.users)}
         self.links: dict[tuple[Address, Address], list[Message]] = defaultdict(list)
         self.ledger = Ledger()
@@ -110,31 +110,24 @@ class World:
         self.received: dict[Address, Assets] = defaultdict(Assets)
         self.payments_done = 0
         self.payments_failed = 0
-        self.finals: dict[ThreadKey, SignedThreadState] = {}
-        for user in self.users:
-            for node, role in ((self.hub, Party.HUB), (user, Party.USER)):
-                node.channels[user.address] = ch.new_channel(
-                    self.domain, role, self.hub.address, user.address
-                )
+        self.next_op = 0
         self.block(self.ledger.now)
 
+    def _node(self, signer: Signer, role: Party, hub: Address) -> Node:
+        config = roles.NodeConfig(self.domain, role, signer.address, hub)
+        return Node(signer, roles.new_node(config))
+
     # -- stepping machines and routing their effects
+
+    def step(self, node: Node, event: roles.NodeInput) -> None:
+        result = roles.node_step(node.state, event, node.signer)
+        node.state = result.state
+        self.route(node, result.effects)
 
     def block(self, timestamp: int) -> None:
         self.ledger.now = timestamp
         for node in self.nodes.values():
-            for user in list(node.channels):
-                self.channel_step(node, user, ch.ContractReceiveBlock(timestamp))
-
-    def channel_step(self, node: Node, user: Address, event: ch.ChannelInput) -> None:
-        result = ch.step(node.channels[user], event, node.signer)
-        node.channels[user] = result.state
-        self.route(node, result.effects)
-
-    def thread_step(self, node: Node, key: ThreadKey, event: th.ThreadInput) -> None:
-        result = th.step(node.threads[key], event, node.signer)
-        node.threads[key] = result.state
-        self.route(node, result.effects)
+            self.step(node, ch.ContractReceiveBlock(timestamp))
 
     def route(self, node: Node, effects: tuple[object, ...]) -> None:
         for effect in effects:
@@ -147,11 +140,7 @@ class World:
                     user, effect.latest.state.tx_count_onchain
                 )
                 for party in (self.hub, self.nodes[user]):
-                    self.channel_step(party, user, executed)
-                confirm = UpdateConfirmPending(effect.latest.state.tx_count_onchain)
-                self.channel_step(node, user, ch.ActionProposeUpdate(confirm))
-            elif isinstance(effect, ch.EventChannelUpdated):
-                self.on_channel_updated(node, effect)
+                    self.step(party, executed)
             elif isinstance(effect, th.EventPaymentSent):
                 self.sent[node.address] += effect.amount
                 self.payments_done += 1
@@ -159,41 +148,13 @@ class World:
                 self.received[node.address] += effect.amount
             elif isinstance(effect, th.EventPaymentFailed):
                 self.payments_failed += 1
-            elif isinstance(effect, th.EventThreadFinal):
-                self.finals[effect.final.state.key] = effect.final
-            elif isinstance(effect, ch.EventUpdateFailed):
-                raise SimulationError(f"{node.address}: update failed: {effect.reason.name}")
-
-    def on_channel_updated(self, node: Node, event: ch.EventChannelUpdated) -> None:
-        update = event.update
-        if node is not self.hub and isinstance(update, UpdateOpenThread):
-            self.thread_step(node, update.initial.key, th.ActionConfirmLock())
+            elif isinstance(effect, roles.EventOpDone | roles.EventOpFailed):
+                node.done[effect.op_id] = effect
 
     def deliver_one(self, link: tuple[Address, Address]) -> None:
         sender, receiver = link
         message = self.links[link].pop(0)
-        node = self.nodes[receiver]
-        if isinstance(message, ChannelProposal | ChannelSync):
-            self.channel_step(node, message.state.user, Receive(sender, message))
-        elif isinstance(message, ChannelCountersign | ChannelReject | ChannelResume):
-            self.channel_step(node, message.user, Receive(sender, message))
-        elif isinstance(message, ThreadOpenProposal):
-            result = th.accept_thread(
-                self.domain, node.signer, sender, message, max_lock=Assets(10**30, 10**30)
-            )
-            if result.state is not None:
-                node.threads[message.initial.key] = result.state
-            self.route(node, result.effects)
-        elif isinstance(message, ThreadProposal):
-            self.thread_step(node, message.state.key, Receive(sender, message))
-        elif isinstance(
-            message, ThreadCountersign | ThreadReject | ThreadResume | ThreadCloseNotice
-        ):
-            self.thread_step(node, message.key, Receive(sender, message))
-        elif isinstance(message, ThreadSync):
-            self.thread_step(node, message.latest.state.key, Receive(sender, message))
-        else:
-            raise SimulationError(f"no route for {type(message).__name__}")
+        self.step(self.nodes[receiver], Receive(sender, message))
 
     def deliver_some(self) -> None:
         """Deliver a random number of messages on random links (proposals cross)."""
@@ -210,72 +171,51 @@ class World:
             self.deliver_one(self.rng.choice(busy))
         raise SimulationError("links did not go quiet")
 
+    def request(self, node: Node, make: Callable[[int], roles.NodeInput]) -> roles.EventOpDone:
+        """Make a request of `node`, run the network until it is answered, return the answer."""
+        self.next_op += 1
+        op_id = self.next_op
+        self.step(node, make(op_id))
+        self.drain()
+        outcome = node.done.pop(op_id, None)
+        if outcome is None:
+            raise SimulationError(f"request {op_id} of {node.address} never completed")
+        if isinstance(outcome, roles.EventOpFailed):
+            raise SimulationError(
+                f"{node.address}: request failed: {outcome.reason.name}: {outcome.detail}"
+            )
+        return outcome
+
     # -- the scenario's steps
 
-    def deposit(self, user: Node, amount: Assets, by: Party) -> None:
-        proposer = self.hub if by is Party.HUB else user
-        update = UpdatePending(
-            deposit_hub=amount if by is Party.HUB else NO_ASSETS,
-            deposit_user=amount if by is Party.USER else NO_ASSETS,
-            withdrawal_hub=NO_ASSETS,
-            withdrawal_user=NO_ASSETS,
-            recipient=user.address,
-            timeout=self.ledger.now + PENDING_TIMEOUT,
-        )
-        self.channel_step(proposer, user.address, ch.ActionProposeUpdate(update))
+    def deposit(self, user: Node, amount: Assets) -> None:
+        self.request(user, lambda op: roles.ActionDeposit(op, amount))
+
+    def collateralize(self, user: Node, amount: Assets) -> None:
+        self.step(self.hub, roles.ActionCollateralize(user.address, amount))
         self.drain()
+        have = self.hub.channels[user.address].latest.state.balance_hub
+        if not have.covers(amount):
+            raise SimulationError(f"hub collateral in {user.address} is {have}, not {amount}")
 
     def withdraw_all(self, user: Node, recipient: Address) -> None:
         state = user.channels[user.address].latest.state
-        update = UpdatePending(
-            deposit_hub=NO_ASSETS,
-            deposit_user=NO_ASSETS,
-            withdrawal_hub=NO_ASSETS,
-            withdrawal_user=state.balance_user,
-            recipient=recipient,
-            timeout=self.ledger.now + PENDING_TIMEOUT,
-        )
-        self.channel_step(user, user.address, ch.ActionProposeUpdate(update))
-        self.drain()
-        hub_state = self.hub.channels[user.address].latest.state
-        if not hub_state.balance_hub.is_zero():
-            update = UpdatePending(
-                deposit_hub=NO_ASSETS,
-                deposit_user=NO_ASSETS,
-                withdrawal_hub=hub_state.balance_hub,
-                withdrawal_user=NO_ASSETS,
-                recipient=hub_state.recipient,
-                timeout=self.ledger.now + PENDING_TIMEOUT,
-            )
-            self.channel_step(self.hub, user.address, ch.ActionProposeUpdate(update))
+        amount = state.balance_user
+        self.request(user, lambda op: roles.ActionWithdraw(op, amount, recipient))
+        hub_balance = self.hub.channels[user.address].latest.state.balance_hub
+        if not hub_balance.is_zero():
+            self.step(self.hub, roles.ActionReclaimCollateral(user.address, hub_balance))
             self.drain()
 
-    def open_thread(
-        self, a: Node, b: Node, thread_id: int, lock_a: Assets, lock_b: Assets
-    ) -> ThreadKey:
-        initial = ThreadState(thread_id, a.address, b.address, lock_a, lock_b, 0)
-        result = th.propose_thread(self.domain, a.signer, initial)
-        a.threads[initial.key] = result.state
-        self.route(a, result.effects)
-        self.drain()
-        agreed = a.threads[initial.key].latest
-        if agreed is None:
-            raise SimulationError("thread open refused")
-        # The hub's checkpoint: B's channel first, then A's (SPEC.md, thread open).
-        for user in (b, a):
-            update = UpdateOpenThread(initial, agreed.sig_sender, agreed.sig_receiver)
-            self.channel_step(self.hub, user.address, ch.ActionProposeUpdate(update))
-            self.drain()
-        return initial.key
+    def open_thread(self, a: Node, b: Node, lock_a: Assets, lock_b: Assets) -> ThreadKey:
+        done = self.request(a, lambda op: roles.ActionOpenThread(op, b.address, lock_a, lock_b))
+        assert done.key is not None
+        if b.threads[done.key].phase is not th.ThreadPhase.OPEN:
+            raise SimulationError("the receiver's side of the thread is not open")
+        return done.key
 
-    def close_thread(self, a: Node, b: Node, key: ThreadKey) -> None:
-        self.thread_step(a, key, th.ActionCloseThread())
-        self.drain()
-        final = self.finals[key]
-        for user in (a, b):
-            update = UpdateCloseThread(final.state, final.sig_sender, final.sig_receiver)
-            self.channel_step(self.hub, user.address, ch.ActionProposeUpdate(update))
-            self.drain()
+    def close_thread(self, a: Node, key: ThreadKey) -> None:
+        self.request(a, lambda op: roles.ActionCloseThread(op, key))
 
 
 def progress(done: int, total: int, started: float) -> None:
@@ -295,8 +235,8 @@ def run(users: int, payments: int, seed: int) -> int:
     print(f"weft sim: hub {world.hub.address} and {users} users, seed {seed}")
 
     for user in world.users:
-        world.deposit(user, deposit_user, Party.USER)
-        world.deposit(user, collateral, Party.HUB)
+        world.deposit(user, deposit_user)
+        world.collateralize(user, collateral)
     print(
         f"  deposited {deposit_user.eth} wei + {deposit_user.token} token units per user, "
         "the hub collateralized each channel with the same"
@@ -304,7 +244,7 @@ def run(users: int, payments: int, seed: int) -> int:
 
     lock = Assets(10**17, 10**20)
     pairs = [(world.users[i], world.users[(i + 1) % users]) for i in range(users)]
-    keys = [world.open_thread(a, b, i + 1, lock, lock) for i, (a, b) in enumerate(pairs)]
+    keys = [world.open_thread(a, b, lock, lock) for a, b in pairs]
     print(
         f"  opened {len(keys)} threads (each side locks {lock.eth} wei + {lock.token} token units)"
     )
@@ -317,10 +257,9 @@ def run(users: int, payments: int, seed: int) -> int:
         payer = world.rng.choice((a, b))
         amount = Assets(world.rng.randint(0, 10**12), world.rng.randint(1, 10**15))
         payment_id += 1
-        result = th.step(payer.threads[key], th.ActionPay(payment_id, amount), payer.signer)
-        payer.threads[key] = result.state
-        world.route(payer, result.effects)
-        if result.accepted:
+        failed_before = world.payments_failed
+        world.step(payer, roles.ActionPayThread(key, payment_id, amount))
+        if world.payments_failed == failed_before:
             requested += 1
         world.deliver_some()
         if requested % 50 == 0:
@@ -335,8 +274,8 @@ def run(users: int, payments: int, seed: int) -> int:
         f"{world.payments_failed} failed"
     )
 
-    for (a, b), key in zip(pairs, keys, strict=True):
-        world.close_thread(a, b, key)
+    for (a, _), key in zip(pairs, keys, strict=True):
+        world.close_thread(a, key)
     print(f"  closed {len(keys)} threads; the hub settled both channels of each")
 
     recipients = {
@@ -373,6 +312,9 @@ def verify(
             mismatches.append(
                 f"{user.address}: contract still holds {world.ledger.held[user.address]}"
             )
+    for node in world.nodes.values():
+        if node.threads or node.state.coordination.ops or node.state.coordination.openings:
+            mismatches.append(f"{node.address}: work left over at the end")
     hub_out = world.ledger.paid_out[Address(b"\xff" * 20)]
     hub_in = Assets(collateral.eth * len(world.users), collateral.token * len(world.users))
     print(

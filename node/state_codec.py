@@ -54,6 +54,7 @@ CODEC_MODULES: Final = (
     "protocols.channel",
     "protocols.thread",
     "protocols.onchain",
+    "protocols.roles",
 )
 """The modules whose dataclasses and enums the codec knows."""
 
@@ -117,12 +118,18 @@ def type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+NOT_STORED: Final = frozenset({"protocols.roles.NodeState", "protocols.roles.NodeTransition"})
+"""Types that live only in memory (their parts are stored one by one); private types too."""
+
+
 def _scan(module_names: tuple[str, ...]) -> dict[str, type]:
     found: dict[str, type] = {}
     for module_name in module_names:
         module = importlib.import_module(module_name)
         for obj in vars(module).values():
             if not isinstance(obj, type) or obj.__module__ != module_name:
+                continue
+            if obj.__name__.startswith("_") or type_name(obj) in NOT_STORED:
                 continue
             if issubclass(obj, Enum) or dataclasses.is_dataclass(obj):
                 found[type_name(obj)] = obj

@@ -215,6 +215,20 @@ class CollateralNeeded:
 
 
 @dataclass(frozen=True, slots=True)
+class ThreadOpenRefused:
+    """Hub to the thread's sender: the hub did not lock the thread `key`.
+
+    `missing` is the hub collateral that was lacking (zero unless the reason is
+    INSUFFICIENT_COLLATERAL); nothing of the thread stays locked in any channel.
+    """
+
+    key: ThreadKey
+    reason: RejectReason
+    missing: Assets
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class PeerLookup:
     """Ask the hub for the libp2p peer id and addresses of the user with `address`."""
 
@@ -311,6 +325,7 @@ HubMessage = (
     | ThreadCloseRequest
     | CollateralRequest
     | CollateralNeeded
+    | ThreadOpenRefused
     | PeerLookup
     | PeerInfo
     | ErrorNotice

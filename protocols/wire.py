@@ -41,6 +41,7 @@ from protocols.messages import (
     ThreadCountersign,
     ThreadMessage,
     ThreadOpenProposal,
+    ThreadOpenRefused,
     ThreadOpenRequest,
     ThreadProposal,
     ThreadReject,
@@ -108,6 +109,7 @@ MESSAGE_CODES: Final[Mapping[type, int]] = {
     CollateralNeeded: 24,
     PeerLookup: 25,
     PeerInfo: 26,
+    ThreadOpenRefused: 27,
     # /weft/thread/1
     ThreadOpenProposal: 32,
     ThreadProposal: 33,
@@ -622,6 +624,15 @@ _MESSAGE_STRUCTS: Final[Mapping[type, _Struct]] = {
         _Struct(ThreadCloseRequest, [("final", _SIGNED_THREAD_STATE)]),
         _Struct(CollateralRequest, [("amount", _ASSETS)]),
         _Struct(CollateralNeeded, [("user", _ADDRESS), ("missing", _ASSETS)]),
+        _Struct(
+            ThreadOpenRefused,
+            [
+                ("key", _THREAD_KEY),
+                ("reason", _REJECT_REASON),
+                ("missing", _ASSETS),
+                ("detail", _DETAIL),
+            ],
+        ),
         _Struct(PeerLookup, [("address", _ADDRESS)]),
         _Struct(
             PeerInfo,

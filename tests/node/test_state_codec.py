@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from node.state_codec import CODEC_TYPES, CodecError, decode, encode, type_name
+from protocols import roles
 from protocols.channel import (
     ActionProposeUpdate,
     ActionReconnected,
@@ -27,7 +28,7 @@ from protocols.channel import (
 )
 from protocols.effects import Rejection, Transition
 from protocols.eip712 import Domain
-from protocols.messages import RejectReason, UpdatePayment
+from protocols.messages import RejectReason, SignedThreadState, UpdatePayment
 from protocols.onchain import ChannelPhase, ChannelRecord, Payout, ThreadDispute
 from protocols.thread import (
     ActionCloseThread,
@@ -240,6 +241,52 @@ def test_every_state_of_the_scenarios_round_trips() -> None:
         assert cls in seen, cls
 
 
+def role_samples(signed: SignedThreadState) -> tuple[object, ...]:
+    """One value of every type of `protocols.roles` that a node stores or passes around."""
+    a, b = Address(b"\x01" * 20), Address(b"\x02" * 20)
+    key = signed.state.key
+    pending = UpdatePayment(Party.USER, Assets(5, 6), b)
+    coordination = roles.Coordination(
+        ops=(roles.Op(1, roles.OpKind.DEPOSIT, pending, key, 7),),
+        openings=(roles.ThreadOpening(signed, roles.OpenStage.LOCK_SENDER),),
+        closings=(roles.ThreadClosing(signed, frozenset({a, b})),),
+        forwards=(roles.Forward(a, b, Assets(1, 2)),),
+        collateral=((a, Assets(3, 4)),),
+        invalidating=frozenset({(a, 3)}),
+        now=2**33,
+        last_thread_id=2**70,
+        confirm_retry=frozenset({(b, 2)}),
+    )
+    domain = Domain(1, Address(b"\x33" * 20))
+    return (
+        coordination,
+        roles.NodeConfig(domain, Party.HUB, a, a, collateral_floor=Assets(1, 1)),
+        roles.ActionDeposit(1, Assets(1, 0)),
+        roles.ActionWithdraw(2, Assets(0, 1), b),
+        roles.ActionOpenThread(3, b, Assets(1, 1), Assets()),
+        roles.ActionPayThread(key, 4, Assets(1, 0)),
+        roles.ActionCloseThread(5, key, force=True),
+        roles.ActionPayViaHub(6, b, Assets(1, 0)),
+        roles.ActionRequestCollateral(7, Assets(0, 9)),
+        roles.ActionCollateralize(b, Assets(9, 9)),
+        roles.ActionReclaimCollateral(b, Assets(9, 9)),
+        roles.ActionPeerReconnected(b),
+        roles.ActionPeerUnreachable(b),
+        roles.ActionTick(),
+        roles.ContractReceiveTxFailed(a, 3, "reverted"),
+        roles.EventOpDone(1, key),
+        roles.EventOpFailed(2, RejectReason.INSUFFICIENT_COLLATERAL, "short", Assets(1, 2)),
+        roles.EventDepositConfirmed(a, Assets(1, 2)),
+        roles.EventWithdrawalConfirmed(a, Assets(1, 2), b),
+        roles.EventCollateralAdded(a, Assets(1, 2)),
+        roles.EventCollateralNeeded(a, Assets(1, 2)),
+        roles.EventThreadOpened(signed),
+        roles.EventThreadClosed(signed),
+        roles.EventHubPaymentReceived(Assets(1, 2)),
+        roles.EventRejected(a, RejectReason.BAD_SIGNATURE, "forged"),
+    )
+
+
 def test_every_registered_type_is_covered_by_some_round_trip() -> None:
     seen, states = scenario_results()
     covered = set(seen) | set(MESSAGE_STRATEGIES) | set(UPDATE_STRATEGIES)
@@ -247,7 +294,7 @@ def test_every_registered_type_is_covered_by_some_round_trip() -> None:
     thread = next(s for s in states if isinstance(s, ThreadSide) and s.latest is not None)
     assert thread.latest is not None
     extra = (EventChannelSynced(channel.latest), EventThreadAgreed(thread.latest))
-    for sample in (*SAMPLES, *extra, ActionConfirmLock()):
+    for sample in (*SAMPLES, *extra, ActionConfirmLock(), *role_samples(thread.latest)):
         assert_round_trips(sample)
         covered |= registered_types_in(sample)
     assert set(CODEC_TYPES.values()) - covered == set()

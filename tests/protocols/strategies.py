@@ -30,6 +30,7 @@ from protocols.messages import (
     ThreadCountersign,
     ThreadMessage,
     ThreadOpenProposal,
+    ThreadOpenRefused,
     ThreadOpenRequest,
     ThreadProposal,
     ThreadReject,
@@ -232,6 +233,9 @@ HUB_STRATEGIES: dict[type, st.SearchStrategy[HubMessage]] = {
     ThreadCloseRequest: st.builds(ThreadCloseRequest, signed_thread_states()),
     CollateralRequest: st.builds(CollateralRequest, assets()),
     CollateralNeeded: st.builds(CollateralNeeded, addresses(), assets()),
+    ThreadOpenRefused: st.builds(
+        ThreadOpenRefused, thread_keys(), reject_reasons(), assets(), details()
+    ),
     PeerLookup: st.builds(PeerLookup, addresses()),
     PeerInfo: st.builds(
         PeerInfo,

@@ -36,6 +36,7 @@ from protocols.messages import (
     ThreadCountersign,
     ThreadMessage,
     ThreadOpenProposal,
+    ThreadOpenRefused,
     ThreadOpenRequest,
     ThreadProposal,
     ThreadReject,
@@ -175,6 +176,7 @@ def test_type_codes_are_stable() -> None:
         "CollateralNeeded": 24,
         "PeerLookup": 25,
         "PeerInfo": 26,
+        "ThreadOpenRefused": 27,
         "ThreadOpenProposal": 32,
         "ThreadProposal": 33,
         "ThreadCountersign": 34,
@@ -375,6 +377,7 @@ def largest(cls: type) -> list[Message]:
         ThreadCloseRequest: ThreadCloseRequest(BIG_SIGNED_THREAD),
         CollateralRequest: CollateralRequest(BIG_ASSETS),
         CollateralNeeded: CollateralNeeded(A, BIG_ASSETS),
+        ThreadOpenRefused: ThreadOpenRefused(BIG_KEY, REASON, BIG_ASSETS, BIG_DETAIL),
         PeerLookup: PeerLookup(A),
         PeerInfo: PeerInfo(
             A,
@@ -493,7 +496,7 @@ def test_unknown_version(version: int) -> None:
     rejects(bytes(data), "unsupported wire version")
 
 
-@pytest.mark.parametrize("code", [0, 2, 15, 27, 31, 39, 127, 0xCC, 0xFF])
+@pytest.mark.parametrize("code", [0, 2, 15, 28, 31, 39, 127, 0xCC, 0xFF])
 def test_unknown_type_code(code: int) -> None:
     rejects(bytes((0x93, WIRE_VERSION, code)) + b"\x90", "unknown message type")
 
