@@ -287,7 +287,7 @@ class Node:
     @property
     def peer_ref(self) -> PeerRef:
         """Where this node can be reached (give it to users as their `hub`)."""
-        return PeerRef.of_host(self.peers._host)
+        return PeerRef.of_host(self.peers.host)
 
     @property
     def state(self) -> roles.NodeState:

@@ -271,6 +271,10 @@ async def _serve(stream: INetStream, protocol: str, handler: StreamHandler) -> N
         await framed.close()
 
 
+async def _no_auto_connect() -> None:
+    return None
+
+
 def _new_libp2p_host(identity: PeerIdentity, listen: multiaddr.Multiaddr) -> IHost:
     key_pair = identity.key_pair
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
@@ -302,6 +306,10 @@ async def open_host(
     network = host.get_network()
     if isinstance(network, Swarm):
         network.retry_config = RetryConfig(max_retries=dial_retries)
+        # The swarm's auto-connector dials peers from the peerstore to keep 50 connections
+        # (every 30 s and on each disconnect): old addresses of peers that went away, and
+        # peers this node has nothing to say to. Weft dials only whom it needs.
+        network.auto_connector.maybe_connect = _no_auto_connect  # type: ignore[method-assign]
     inner: BaseException | None = None
     try:
         async with AsyncExitStack() as stack:

@@ -347,6 +347,11 @@ class PeerManager:
     def address(self) -> Address:
         return self._host.address
 
+    @property
+    def host(self) -> Host:
+        """The host the manager runs over."""
+        return self._host
+
     def __repr__(self) -> str:
         role = "hub" if self.is_hub else "user"
         return f"PeerManager({role} {self.address}, {len(self._links)} links)"

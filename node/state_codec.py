@@ -111,6 +111,8 @@ class _DataclassInfo:
     cls: type
     names: tuple[str, ...]  # fields passed to the constructor, in declaration order
     checks: tuple[Check, ...]
+    prefix: bytes  # the packed type name and map header
+    packed_names: tuple[bytes, ...]
 
 
 def type_name(cls: type) -> str:
@@ -149,8 +151,31 @@ for _cls in CODEC_TYPES.values():
     _hints = typing.get_type_hints(_cls)
     _fields = tuple(f for f in dataclasses.fields(_cls) if f.init)
     _DATACLASSES[_cls] = _DataclassInfo(
-        _cls, tuple(f.name for f in _fields), tuple(_check_for(_hints[f.name]) for f in _fields)
+        _cls,
+        tuple(f.name for f in _fields),
+        tuple(_check_for(_hints[f.name]) for f in _fields),
+        msgpack.packb(type_name(_cls)) + bytes(msgpack.Packer().pack_map_header(len(_fields))),
+        tuple(msgpack.packb(f.name) for f in _fields),
     )
+
+# Encodings of the immutable values that stay the same from one commit to the next (a
+# thread's proposals in flight, signed states), by identity. The cache holds the value
+# itself, so its id cannot be reused while cached; it is cleared when full.
+_CACHED: Final = frozenset(
+    CODEC_TYPES[name]
+    for name in (
+        "protocols.thread.Outgoing",
+        "protocols.thread.Queued",
+        "protocols.messages.SignedThreadState",
+        "protocols.channel.SignedChannelState",
+        "protocols.channel.OutgoingUpdate",
+        "protocols.types.ThreadState",
+        "protocols.types.ChannelState",
+        "protocols.eip712.Domain",
+    )
+)
+_CACHE_SIZE: Final = 8192
+_cache: dict[int, tuple[object, bytes]] = {}
 
 
 # ---------------------------------------------------------------- encode
@@ -192,15 +217,25 @@ def _encode(value: object) -> bytes:
         raise CodecError(f"cannot encode a value of type {kind.__module__}.{kind.__qualname__}")
     if isinstance(value, Enum):
         return _ext(EXT_ENUM, _packb(name) + _encode(value.value))
+    cached = kind in _CACHED and _cache.get(id(value))
+    if cached and cached[0] is value:
+        return cached[1]
     info = _DATACLASSES[kind]
-    parts = [_packb(name), bytes(msgpack.Packer().pack_map_header(len(info.names)))]
-    for field_name, check in zip(info.names, info.checks, strict=True):
+    parts = [info.prefix]
+    for field_name, packed_name, check in zip(
+        info.names, info.packed_names, info.checks, strict=True
+    ):
         field_value = getattr(value, field_name)
         if not check(field_value):
             raise CodecError(f"{name}.{field_name} does not match its annotation")
-        parts.append(_packb(field_name))
+        parts.append(packed_name)
         parts.append(_encode(field_value))
-    return _ext(EXT_DATACLASS, b"".join(parts))
+    encoded = _ext(EXT_DATACLASS, b"".join(parts))
+    if kind in _CACHED:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[id(value)] = (value, encoded)
+    return encoded
 
 
 def encode(value: object) -> bytes:

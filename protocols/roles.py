@@ -133,6 +133,7 @@ class ThreadOpening:
 
     initial: SignedThreadState
     stage: OpenStage
+    final: SignedThreadState | None = None  # a close asked for meanwhile: settle once open
 
 
 @dataclass(frozen=True, slots=True)
@@ -815,7 +816,11 @@ class _Run:
         self.emit(EventOpFailed(op.op_id, reason, detail, missing))
 
     def op_for_update(self, update: ChannelUpdate) -> Op | None:
-        return next((o for o in self.coord.ops if o.update == update), None)
+        """The first op still waiting for `update` to be signed (a signed pending update
+        has its tx_count_onchain set: an equal update proposed later is another op's)."""
+        return next(
+            (o for o in self.coord.ops if o.update == update and o.tx_count_onchain == 0), None
+        )
 
     def op_for_thread(self, kind: OpKind, key: ThreadKey) -> Op | None:
         return next((o for o in self.coord.ops if o.kind is kind and o.key == key), None)
@@ -1103,8 +1108,12 @@ class _Run:
         reason: RejectReason,
         detail: str,
         missing: Assets = NO_ASSETS,
+        tell_receiver: bool = False,
     ) -> None:
         self.send(to, ThreadOpenRefused(key, reason, missing, detail))
+        if tell_receiver and key.receiver != to:
+            # The receiver agreed the initial state: it forgets the thread if not locked.
+            self.send(key.receiver, ThreadOpenRefused(key, reason, NO_ASSETS, detail))
         self.emit(EventRejected(to, reason, detail))
 
     def hub_open_request(self, sender: Address, initial: SignedThreadState) -> None:
@@ -1140,7 +1149,14 @@ class _Run:
                     f"hub collateral in {user}'s channel short by {missing.eth} wei and "
                     f"{missing.token} token units (collateral requested)"
                 )
-                self.refuse_open(sender, key, RejectReason.INSUFFICIENT_COLLATERAL, detail, missing)
+                self.refuse_open(
+                    sender,
+                    key,
+                    RejectReason.INSUFFICIENT_COLLATERAL,
+                    detail,
+                    missing,
+                    tell_receiver=True,
+                )
                 return
         opening = ThreadOpening(initial, OpenStage.LOCK_RECEIVER)
         self.set_coord(replace(self.coord, openings=(*self.coord.openings, opening)))
@@ -1179,14 +1195,17 @@ class _Run:
         closing = self.coord.closing(key)
         if closing is not None:
             if state.tx_count > closing.final.state.tx_count:
+                # Settle the channels not settled yet at the newer state (one that refused
+                # the older one as stale takes this one; a duplicate fails THREAD_NOT_OPEN).
                 self.set_closing(closing, replace(closing, final=final))
+                for user in sorted(closing.remaining, key=lambda a: a.raw):
+                    self.propose_settle(user, final)
             return
         opening = self.coord.opening(key)
         if opening is not None:
-            if opening.stage is OpenStage.LOCK_SENDER:
-                # The sender gave up before its channel locked: refund the receiver's.
-                self.set_opening(opening, replace(opening, stage=OpenStage.REFUND_RECEIVER))
-                self.propose_settle(state.receiver, opening.initial)
+            # A lock is in flight: settle once the open ends (a failed open refunds anyway).
+            if opening.final is None or state.tx_count > opening.final.state.tx_count:
+                self.set_opening(opening, replace(opening, final=final))
             return
         remaining = frozenset(
             u
@@ -1211,6 +1230,8 @@ class _Run:
             elif opening.stage is OpenStage.LOCK_SENDER and user == update.initial.sender:
                 self.set_opening(opening, None)
                 self.emit(EventThreadOpened(opening.initial))
+                if opening.final is not None:
+                    self.hub_close_request(opening.final.state.sender, opening.final)
         elif isinstance(update, UpdateCloseThread):
             key = update.final.key
             opening = self.coord.opening(key)
@@ -1264,7 +1285,7 @@ class _Run:
                 self.propose_settle(update.initial.receiver, opening.initial)
             else:
                 return
-            self.refuse_open(sender, key, event.reason, event.detail, missing)
+            self.refuse_open(sender, key, event.reason, event.detail, missing, tell_receiver=True)
         elif isinstance(update, UpdatePending):
             if not update.deposit_hub.is_zero() and self.coord.collateral_for(user) is not None:
                 self.drop_collateral(user)
@@ -1323,9 +1344,9 @@ class _Run:
         self.set_coord(replace(self.coord, collateral=collateral))
 
     def forward(self, forward: Forward) -> None:
-        known = forward.to != self.me and self.ensure_channel(forward.to)
-        target = self.channels.get(forward.to) if known else None
-        if target is None or forward.to == forward.source:
+        target = self.channels.get(forward.to)
+        # Only a user that ever signed its channel can be paid on (a stranger never answers).
+        if target is None or target.latest.sig_user is None or forward.to == forward.source:
             self.refund(forward, "no channel to pay on to")
             return
         have = target.latest.state.balance_hub

@@ -14,7 +14,13 @@ import trio
 from node.api import Node
 from protocols import thread as th
 from protocols.types import Assets, ThreadKey
-from tests.integration.network import ETHER, Network, eventually, local_network
+from tests.integration.network import (
+    ETHER,
+    Network,
+    crash_after_next_commit,
+    eventually,
+    local_network,
+)
 
 DEPOSIT = Assets(ETHER, 10**21)
 LOCK = Assets(ETHER // 4, 10**20)
@@ -75,7 +81,7 @@ async def crash_and_recover(net: Network, victim: int, key: ThreadKey, amount: A
     from A that gets it there, restart it, and wait for the thread to settle."""
     slots = [*net.user_slots, net.hub_slot]
     a = net.users[0]
-    net.crash_after_next_commit(slots[victim])
+    crash_after_next_commit(slots[victim])
     before = balance_of_receiver(net.users[1], key)
     a.start_payment(key, amount)
     if victim < 2:
@@ -119,7 +125,7 @@ async def test_hub_killed_mid_open_and_mid_close_completes_after_restart(
                 await user.deposit(DEPOSIT)
                 await net.hub.collateralize(user.address, LOCK)
             # The hub dies after storing its first lock proposal, before sending it.
-            net.crash_after_next_commit(net.hub_slot)
+            crash_after_next_commit(net.hub_slot)
             async with trio.open_nursery() as nursery:
                 keys: list[ThreadKey] = []
 
@@ -133,7 +139,7 @@ async def test_hub_killed_mid_open_and_mid_close_completes_after_restart(
             assert b.state.threads[key].phase is th.ThreadPhase.OPEN
             await a.pay(key, Assets(10, 10))
             # And again while it settles the close.
-            net.crash_after_next_commit(net.hub_slot)
+            crash_after_next_commit(net.hub_slot)
             async with trio.open_nursery() as nursery:
                 finals = []
 

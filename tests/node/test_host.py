@@ -330,6 +330,31 @@ async def test_connect_after_failed_dial_to_same_peer() -> None:
         assert a.is_connected(b.peer_id)
 
 
+async def test_auto_connector_does_not_redial_a_peer_that_left() -> None:
+    """py-libp2p's auto-connector redials peerstore peers (to keep 50 connections) every
+    30 s and on each disconnect; a Weft host dials only whom the node asks for."""
+    async with open_host(_key()) as a:
+        swarm = a.libp2p.get_network()
+        dials: list[object] = []
+        real_dial = swarm.dial_peer
+
+        async def counting_dial(peer_id: ID) -> object:
+            dials.append(peer_id)
+            return await real_dial(peer_id)
+
+        swarm.dial_peer = counting_dial
+        async with open_host(_key()) as b:
+            with trio.fail_after(STEP):
+                await a.connect(b.peer_id, b.listen_addrs)
+        dials.clear()
+        with trio.fail_after(STEP):
+            await swarm.auto_connector.maybe_connect()
+            swarm._schedule_auto_connect()
+            await trio.sleep(0.2)
+        assert dials == []
+        assert swarm.auto_connector.maybe_connect.__name__ == "_no_auto_connect"
+
+
 async def test_unsupported_protocol_is_host_error() -> None:
     async with two_hosts() as (a, b):
         with trio.fail_after(STEP):

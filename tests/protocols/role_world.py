@@ -6,9 +6,10 @@ direction, delivered in a deterministic or a seeded random order, and cut or emp
 demand) and the chain (a small ledger standing in for the ChannelManager contract, which
 executes an authorized update only when a test says so, or at once with `auto_chain`).
 
-Every step also checks the transition's bookkeeping: `changed_channels`, `changed_threads`,
-`removed_threads` and `coordination_changed` must name exactly what differs between the old
-and the new state (`check_bookkeeping`).
+Every step also checks the transition's bookkeeping against the old and the new state
+(`check_bookkeeping`): `changed_channels` and `changed_threads` name every channel and
+thread whose value changed and none that is still the same object, `removed_threads` exactly
+the threads that are gone, `coordination_changed` whether the coordination was replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from protocols.eip712 import Domain
 from protocols.keccak import keccak
 from protocols.messages import Message
 from protocols.signing import Signer
-from protocols.types import NO_ASSETS, Address, Assets, ChannelState, Party, ThreadKey
+from protocols.types import NO_ASSETS, Address, Assets, ChannelState, Party
 
 DOMAIN = Domain(chain_id=1337, verifying_contract=Address(keccak(b"role-world")[12:]))
 START = 1_000  # the first block's timestamp
@@ -50,8 +51,6 @@ class Ledger:
     held: dict[Address, Assets] = field(default_factory=lambda: defaultdict(Assets))
     onchain: dict[Address, int] = field(default_factory=lambda: defaultdict(int))
     paid_out: dict[Address, Assets] = field(default_factory=lambda: defaultdict(Assets))
-    reserve_out: Assets = NO_ASSETS  # hub withdrawals back to the reserve
-    reserve_in: Assets = NO_ASSETS  # hub deposits out of the reserve
     now: int = START
 
     def execute(self, latest: ch.SignedChannelState) -> None:
@@ -67,8 +66,6 @@ class Ledger:
         out = state.pending_withdrawal_hub + state.pending_withdrawal_user
         self.held[state.user] = held - out
         self.paid_out[state.recipient] += state.pending_withdrawal_user
-        self.reserve_in += state.pending_deposit_hub
-        self.reserve_out += state.pending_withdrawal_hub
 
 
 @dataclass(eq=False)
@@ -309,9 +306,6 @@ class RoleWorld:
 
     # -- scenario helpers
 
-    def user(self, name: str) -> RoleNode:
-        return self.u[name]
-
     def deposit(self, user: RoleNode, amount: Assets) -> int:
         op = self.op(user, lambda i: roles.ActionDeposit(i, amount))
         self.run()
@@ -366,7 +360,3 @@ def money(state: ChannelState) -> tuple[Assets, ...]:
         state.pending_withdrawal_hub,
         state.pending_withdrawal_user,
     )
-
-
-def thread_of(node: RoleNode, key: ThreadKey) -> Any:
-    return node.state.threads.get(key)

@@ -3,8 +3,11 @@
 A hub and users run in `tests.protocols.role_world.RoleWorld`: real keys and signatures,
 FIFO links delivered in a fixed order (or a seeded random one), a ledger for the contract
 that executes authorized updates when the test says so. Every step of every node also
-checks the transition's bookkeeping (`changed_channels`, `changed_threads`,
-`removed_threads`, `coordination_changed` name exactly what changed).
+checks the transition's bookkeeping against the old and new mappings
+(`role_world.check_bookkeeping`); `test_transition_bookkeeping_names_what_changed` holds a
+whole open-and-close to the exact sets.
+
+Some tests pin bugs found and fixed in `protocols/roles.py`; their docstrings say which.
 """
 
 from __future__ import annotations
@@ -65,17 +68,24 @@ COLLATERAL = Assets(50, 500)
 def funded(
     users: tuple[str, ...] = ("a", "b"),
     collateral: Assets = COLLATERAL,
-    **kwargs: object,
+    *,
+    hub_config: dict[str, Any] | None = None,
+    user_config: dict[str, dict[str, Any]] | None = None,
+    auto_chain: bool = True,
+    seed: int | None = None,
 ) -> RoleWorld:
-    world = RoleWorld(users, **kwargs)  # type: ignore[arg-type]
+    """A world whose users each deposited FUNDS and whose hub put `collateral` in each."""
+    world = RoleWorld(
+        users, hub_config=hub_config, user_config=user_config, auto_chain=auto_chain, seed=seed
+    )
     for node in world.u.values():
         world.fund(node, FUNDS, collateral)
     return world
 
 
-def set_hub_policy(w: RoleWorld, **policy: object) -> None:
+def set_hub_policy(w: RoleWorld, **policy: Any) -> None:
     """The hub's operator changes its policy (the configuration is the hub's own)."""
-    config = replace(w.hub.state.config, **policy)  # type: ignore[arg-type]
+    config = replace(w.hub.state.config, **policy)
     w.hub.state = replace(w.hub.state, config=config)
 
 
@@ -458,7 +468,7 @@ def test_newer_final_replaces_an_older_one_in_a_closing() -> None:
     t = w.receive(hub, b.address, ThreadCloseRequest(newer))
     closing = hub.state.coordination.closing(key)
     assert closing is not None and closing.final == newer
-    assert t.coordination_changed and not t.changed_channels
+    assert t.coordination_changed
     # An older one never replaces a newer one.
     t = w.receive(hub, a.address, ThreadCloseRequest(older))
     assert unchanged(t)
@@ -494,11 +504,6 @@ def test_settle_at_an_older_state_is_refused_by_the_user_holding_a_newer_one() -
     assert latest_tx(b, key) == newest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: a newer final replacing an older one in a closing is never proposed; "
-    "the channel that refused the older settle (STALE_THREAD_STATE) is never settled",
-)
 def test_newer_final_settles_the_channel_that_refused_the_older_one() -> None:
     w = funded()
     b, hub = w.u["b"], w.hub
@@ -536,11 +541,6 @@ def close_while_opening(w: RoleWorld, receiver_locked: bool) -> tuple[int, int, 
     return op, close, key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: a ThreadCloseRequest received while the receiver's lock is in flight "
-    "(LOCK_RECEIVER) is dropped; the thread then locks in both channels and is never settled",
-)
 def test_close_during_the_receivers_lock_is_not_lost() -> None:
     w = funded()
     a, b, hub = w.u["a"], w.u["b"], w.hub
@@ -553,11 +553,6 @@ def test_close_during_the_receivers_lock_is_not_lost() -> None:
     assert not hub.state.coordination.openings and not hub.state.coordination.closings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: a close during LOCK_SENDER refunds B's channel, but the sender's lock "
-    "already in flight still succeeds and is never settled: A's lock is stuck in A's channel",
-)
 def test_close_during_the_senders_lock_leaves_no_thread_locked() -> None:
     w = funded()
     a, b, hub = w.u["a"], w.u["b"], w.hub
@@ -736,11 +731,6 @@ def test_routed_payment_the_hub_cannot_forward_is_refunded(to: str) -> None:
     assert not hub.state.coordination.forwards and not hub.state.coordination.collateral
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: a routed payment to an address that never answers is held by the hub "
-    "forever (it collateralizes the stranger's channel and waits; no refund)",
-)
 def test_routed_payment_to_a_stranger_who_never_answers_is_refunded() -> None:
     w = funded()
     a, hub = w.u["a"], w.hub
@@ -871,11 +861,6 @@ def test_timed_out_pending_update_is_invalidated_once(kind: str) -> None:
     assert isinstance(a.outcome(op2), roles.EventOpDone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: two equal UpdatePending ops; the refusal of the second fails the "
-    "first (op_for_update matches by equality) and the second op never completes",
-)
 def test_two_equal_deposits_each_get_their_own_answer() -> None:
     w = RoleWorld(("a",))
     a = w.u["a"]
@@ -1046,11 +1031,6 @@ def test_too_many_unlocked_threads_from_one_peer_are_refused() -> None:
     assert w.agreed(b).balance_user == before[("b", b.address)].balance_user  # B locked nothing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="roles bug: the receiver never learns that the hub refused an open, so its AGREED "
-    "thread stays forever and refused opens count toward MAX_UNLOCKED_THREADS_PER_PEER",
-)
 def test_refused_opens_do_not_use_up_the_receivers_unlocked_thread_allowance() -> None:
     w = funded(collateral=NO_ASSETS, hub_config={"collateral_ceiling": NO_ASSETS})
     a, b = w.u["a"], w.u["b"]
@@ -1346,7 +1326,6 @@ def test_random_mixed_workload_settles(seed: int) -> None:
         elif r < 0.52:
             w.step(x, roles.ActionPayViaHub(w.new_op(), y.address, Assets(1, step % 3)))
         elif r < 0.62:
-            # Distinct amounts: equal pending updates meet the op_for_update bug (xfail above).
             amount = Assets(rng.randint(1, 5), step)
             if r < 0.57:
                 w.step(x, roles.ActionDeposit(w.new_op(), amount))
