@@ -72,6 +72,7 @@ DEFAULT_TIMEOUT = 60.0  # seconds a request may take before RequestTimeout
 STORE_FILE = "node.sqlite"
 MAX_FINALS_KEPT = 1024  # final states of closed threads kept for close_thread's answer
 EVENT_BUFFER = 10_000
+COLLATERAL_RETRY = 0.1  # seconds before asking again while the channel is busy
 RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach thread peers that are gone
 RECONNECT_TIMEOUT = 5.0
 _LIVE_PHASES = (
@@ -115,6 +116,10 @@ class HubOffline(WeftError):
 
 class ThreadClosing(WeftError):
     """The thread is closing or closed: no new payments."""
+
+
+class UnknownThread(WeftError):
+    """This node has no such thread (never opened here, or closed long ago)."""
 
 
 class RequestRefused(WeftError):
@@ -330,7 +335,7 @@ class Node:
         for info in self.threads():
             if info.key == key:
                 return info
-        raise WeftError(f"no thread {key}")
+        raise UnknownThread(f"no thread {key}")
 
     # -- events
 
@@ -478,7 +483,11 @@ class Node:
         self._check_user()
         side = self.state.threads.get(key)
         if side is None:
-            raise WeftError(f"no thread {key}")
+            if key in self._finals:
+                raise ThreadClosing(f"thread {key} is closed")
+            raise UnknownThread(f"no thread {key}")
+        if side.phase in (th.ThreadPhase.CLOSING, th.ThreadPhase.FINAL):
+            raise ThreadClosing(f"thread {key} is {side.phase.value}")
         await self._need_peer(side.peer)
         payment_id = next(self._ids)
         self._payments[payment_id] = _Waiter()
@@ -495,7 +504,7 @@ class Node:
         self._check_user()
         await self._need_hub()
         await self._request(lambda op: roles.ActionCloseThread(op, key, force), timeout)
-        final = self._finals.pop(key, None)
+        final = self._finals.get(key)
         if final is None:
             raise WeftError(f"thread {key} closed but its final state was not reported")
         return final
@@ -535,43 +544,39 @@ class Node:
     async def collateralize(
         self, user: Address, amount: Assets, *, timeout: float | None = None
     ) -> Assets:
-        """Hub: top `user`'s channel up so my balance there covers `amount` more (within
-        the floor and ceiling); returns the amount added once it is confirmed."""
+        """Hub: make my balance in `user`'s channel at least `amount` (within my floor and
+        ceiling); returns my balance there once the deposits are confirmed."""
         self._check_hub()
-        event = await self._submit_and_wait(
-            roles.ActionCollateralize(user, amount),
-            lambda e: (
-                (isinstance(e, roles.EventCollateralAdded) and e.user == user)
-                or (isinstance(e, roles.EventRejected) and e.sender == user)
-            ),
-            timeout,
-        )
-        if isinstance(event, roles.EventRejected):
-            raise RequestRefused(event.reason, event.detail)
-        assert isinstance(event, roles.EventCollateralAdded)
-        return event.amount
+        limit = self.settings.request_timeout if timeout is None else timeout
+        send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
+        self._subscribers.append(send)
+        try:
+            with trio.move_on_after(limit):
+                while True:
+                    side = self.state.channels.get(user)
+                    have = side.latest.state.balance_hub if side is not None else NO_ASSETS
+                    if have.covers(amount):
+                        return have
+                    if self.state.coordination.collateral_for(user) is None:
+                        await self.engine.submit(
+                            roles.ActionCollateralize(user, have.shortfall(amount))
+                        )
+                    async for event in receive:
+                        if isinstance(event, roles.EventCollateralAdded) and event.user == user:
+                            break
+                        if isinstance(event, roles.EventRejected) and event.sender == user:
+                            if event.reason is not RejectReason.PENDING_OUTSTANDING:
+                                raise RequestRefused(event.reason, event.detail)
+                            await trio.sleep(COLLATERAL_RETRY)
+                            break
+        finally:
+            self._subscribers.remove(send)
+        raise RequestTimeout(f"collateral for {user} not confirmed within {limit} s")
 
     async def reclaim_collateral(self, user: Address, amount: Assets) -> None:
         """Hub: move `amount` of my balance in `user`'s channel back to my reserve."""
         self._check_hub()
         await self.engine.submit(roles.ActionReclaimCollateral(user, amount))
-
-    async def _submit_and_wait(
-        self, event: roles.NodeInput, match: Callable[[object], bool], timeout: float | None
-    ) -> object:
-        """Submit `event` and return the first node event for which `match` holds."""
-        send, receive = trio.open_memory_channel[object](EVENT_BUFFER)
-        self._subscribers.append(send)
-        limit = self.settings.request_timeout if timeout is None else timeout
-        try:
-            await self.engine.submit(event)
-            with trio.move_on_after(limit):
-                async for seen in receive:
-                    if match(seen):
-                        return seen
-        finally:
-            self._subscribers.remove(send)
-        raise RequestTimeout(f"{type(event).__name__} did not finish within {limit} s")
 
 
 # ---------------------------------------------------------------- running
@@ -766,6 +771,7 @@ __all__ = [
     "ThreadClosing",
     "ThreadInfo",
     "UnknownPeer",
+    "UnknownThread",
     "WeftError",
     "open_node",
 ]

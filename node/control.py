@@ -15,8 +15,9 @@ closed).
 
 Error types: the name of the `node.api.WeftError` subclass the node raised
 (`InsufficientBalance`, `InsufficientCollateral` with `"missing": [eth, token]`,
-`UnknownPeer`, `PeerOffline`, `HubOffline`, `ThreadClosing`, `RequestRefused` with
-`"reason"`, `ChainTransactionFailed`, `RequestTimeout`, `NodeStopped`, `WeftError`), or
+`UnknownPeer`, `UnknownThread`, `PeerOffline`, `HubOffline`, `ThreadClosing`,
+`RequestRefused` with `"reason"`, `ChainTransactionFailed`, `RequestTimeout`,
+`NodeStopped`, `WeftError`), or
 `BadRequest` (not JSON, not a request, unknown method or parameter, a bad value; a line
 over `MAX_LINE` also closes the connection), `Unauthorized` (wrong or missing token; the
 connection is closed), `Busy` (too many connections), `ChainError` (a chain read failed),
@@ -42,7 +43,7 @@ Methods (`METHODS`):
   force?)` -> `{key, tx_count, balance_sender, balance_receiver}` (the final state),
   `pay_via_hub(to, amount)`, `request_collateral(amount)`
 - hub: `deposit_reserve(amount)`, `reserve()` -> amount, `collateralize(user, amount)`
-  -> the amount added, `reclaim_collateral(user, amount)`
+  -> my balance in that channel once it covers `amount`, `reclaim_collateral(user, amount)`
 - `bench_pay(key, count, mode, amount, window?, time_limit?)`: `count` payments of
   `amount` inside the node -> `{count, seconds, payments_per_s, tx_count, latencies_ms:
   {p50, p90, p99}}`. `"sequential"` awaits each `Node.pay` and times it;
@@ -289,12 +290,15 @@ def decode_response(line: bytes, request_id: int) -> Any:
         raise ControlError("BadResponse", "the node's answer is not an object")
     error = answer.get("error")
     if isinstance(error, dict):
-        missing = error.get("missing")
+        try:
+            missing = assets_of(error["missing"]) if "missing" in error else None
+        except InvalidValue:
+            missing = None
         reason = error.get("reason")
         raise ControlError(
             str(error.get("type", "Error")),
             str(error.get("message", "")),
-            assets_of(missing) if missing is not None else None,
+            missing,
             str(reason) if reason is not None else None,
         )
     if answer.get("id") != request_id or "result" not in answer:
@@ -384,13 +388,11 @@ class _Params:
         if not self._has(name):
             return default
         value = self._get(name)
-        if (
-            type(value) not in (int, float)
-            or not math.isfinite(value)  # type: ignore[arg-type]
-            or not 0 < value <= MAX_TIMEOUT  # type: ignore[operator]
-        ):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
             raise _BadRequest(f"parameter {name!r} must be seconds in (0, {MAX_TIMEOUT}]")
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
 
     def timeout(self) -> float | None:
         return self.seconds("timeout", None)
@@ -660,9 +662,7 @@ class _Verdict(enum.Enum):
 
 
 class _ControlServer:
-    def __init__(
-        self, node: Node, token: str, max_connections: int, auth_timeout: float
-    ) -> None:
+    def __init__(self, node: Node, token: str, max_connections: int, auth_timeout: float) -> None:
         self.node = node
         self._token = token.encode()
         self._max_connections = max_connections
@@ -759,8 +759,9 @@ async def serve_control(
 
     `token`: the secret every request must carry (non-empty). At most `max_connections`
     at once; each must make an authorized request within `auth_timeout` seconds. Raises
-    OSError if the port cannot be bound. Cancelling it closes the listener and every connection; requests in
-    progress are cancelled (what they asked the node may still complete).
+    OSError if the port cannot be bound. Cancelling it closes the listener and every
+    connection; requests in progress are cancelled (what they asked the node may still
+    complete).
     """
     if not token:
         raise ValueError("the control interface needs a token")
@@ -787,8 +788,8 @@ class NodeInfo:
     pid: int
 
     @property
-    def peer_ref(self) -> dict[str, Any]:
-        """The `hub` entry of a user's config, for a hub's info."""
+    def hub_entry(self) -> dict[str, Any]:
+        """This node as the `hub` entry of a user's config (`node.run`)."""
         return {
             "address": self.address,
             "peer_id": self.peer_id,

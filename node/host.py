@@ -248,7 +248,18 @@ class Host:
         self._host.set_stream_handler(TProtocol(protocol), serve)
 
     def remove_handler(self, protocol: str) -> None:
-        self._host.remove_stream_handler(TProtocol(protocol))
+        """Stop serving `protocol`: from now on its inbound streams are reset.
+
+        The protocol stays registered: py-libp2p looks the handler up again after it
+        negotiated a stream, and a handler removed in between raises KeyError inside
+        libp2p, which tears the host down.
+        """
+
+        async def refuse(stream: INetStream) -> None:
+            with shielded_for(CLOSE_TIMEOUT), suppress(BaseLibp2pError, OSError):
+                await stream.reset()
+
+        self._host.set_stream_handler(TProtocol(protocol), refuse)
 
 
 async def _serve(stream: INetStream, protocol: str, handler: StreamHandler) -> None:

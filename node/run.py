@@ -43,6 +43,7 @@ Unknown keys are an error (they are most likely typos).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import fcntl
 import json
 import logging
@@ -81,6 +82,7 @@ EXIT_STARTUP: Final = 2
 EXIT_CRASH: Final = 1
 LOCK_FILE: Final = "node.lock"
 LOG_FORMAT: Final = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+PROFILE_ENV = "WEFT_PROFILE"  # a file path: profile the run with cProfile, stats there
 
 _REQUIRED: Final = ("key_file", "data_dir", "role", "chain_url", "manager")
 _OPTIONAL: Final = (
@@ -249,9 +251,11 @@ def _count(value: object, what: str) -> int:
 
 
 def _seconds(value: object, what: str) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:  # type: ignore[arg-type,operator]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
         raise ConfigError(f'"{what}" must be a positive number of seconds')
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def _assets(value: object, default: Assets, what: str) -> Assets:
@@ -375,7 +379,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
         try:
             config = load_config(args.config)
-            trio.run(run_node, config, lambda: stop[0])
+            profile_path = os.environ.get(PROFILE_ENV)
+            if profile_path:
+                # For the benchmarks: the whole run under cProfile, written at a clean stop.
+                profiler = cProfile.Profile()
+                profiler.enable()
+                try:
+                    trio.run(run_node, config, lambda: stop[0])
+                finally:
+                    profiler.disable()
+                    profiler.dump_stats(profile_path)
+            else:
+                trio.run(run_node, config, lambda: stop[0])
         except BaseException as exc:
             inner = _innermost(exc)
             if isinstance(inner, ConfigError | StartupError):

@@ -162,10 +162,13 @@ class Store:
             raise
         return result
 
-    def commit(self, batch: Batch) -> tuple[int, ...]:
+    def commit(self, batch: Batch, *, durable: bool = True) -> tuple[int, ...]:
         """Apply `batch` in one transaction; the seqs given to `batch.outbox_add`, in order.
 
-        Raise `StoreError` with nothing written if any part of it fails.
+        `durable=False` commits without waiting for the disk (`synchronous=NORMAL` for this
+        transaction only): the batch survives a crash of the process, but a power loss may
+        take it back, down to the last durable commit (which also makes every earlier one
+        durable). Raise `StoreError` with nothing written if any part of it fails.
         """
         # SQLite would store an int key as text (column affinity): refuse it here.
         if any(type(key) is not str for key in (*batch.puts, *batch.deletes)):
@@ -194,7 +197,17 @@ class Store:
                 seqs.append(cursor.lastrowid)
             return tuple(seqs)
 
-        return self._guard("commit", lambda: self._transaction(apply))
+        if durable:
+            return self._guard("commit", lambda: self._transaction(apply))
+
+        def relaxed() -> tuple[int, ...]:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return self._transaction(apply)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+
+        return self._guard("commit", relaxed)
 
     def load(self) -> Snapshot:
         """Everything stored, read in one transaction (a consistent snapshot)."""
@@ -243,9 +256,9 @@ class AsyncStore:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def commit(self, batch: Batch) -> tuple[int, ...]:
+    async def commit(self, batch: Batch, *, durable: bool = True) -> tuple[int, ...]:
         """`Store.commit` in a worker thread."""
-        return await self._run(self._store.commit, batch)
+        return await self._run(lambda: self._store.commit(batch, durable=durable))
 
     async def load(self) -> Snapshot:
         """`Store.load` in a worker thread."""

@@ -699,9 +699,23 @@ class _Run:
             return
         if peer == self.config.hub:
             self.step_channel(self.me, ch.ActionReconnected())
+            self.resend_hub_requests()
         for key, side in list(self.threads.items()):
             if side.peer == peer:
                 self.step_thread(key, th.ActionReconnected())
+
+    def resend_hub_requests(self) -> None:
+        """After the hub came back: ask again for the thread opens and closes it may have
+        lost (it ignores what it already has under way)."""
+        channel = self.my_channel()
+        for key, side in self.threads.items():
+            if side.latest is None:
+                continue
+            if side.phase is th.ThreadPhase.AGREED and side.me == key.sender:
+                if channel.open_thread(key) is None:
+                    self.send(self.config.hub, ThreadOpenRequest(side.latest))
+            elif side.phase is th.ThreadPhase.FINAL and channel.open_thread(key) is not None:
+                self.send(self.config.hub, ThreadCloseRequest(side.latest))
 
     def on_unreachable(self, peer: Address) -> None:
         if self.is_hub:
@@ -1301,7 +1315,9 @@ class _Run:
         if side is None or self.coord.collateral_for(user) is not None:
             return
         state = side.latest.state
-        if state.has_pending():
+        if state.has_pending() or side.outgoing is not None or side.queued:
+            detail = "the channel is busy with another update: collateral later"
+            self.emit(EventRejected(user, RejectReason.PENDING_OUTSTANDING, detail))
             return
         have = state.balance_hub
         floor, ceiling = self.config.collateral_floor, self.config.collateral_ceiling

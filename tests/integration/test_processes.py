@@ -15,220 +15,79 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
 
-from node.chain import ChainService
+from devnet.processes import (
+    CALL_GUARD,
+    ETHER,
+    REPO_ROOT,
+    STARTUP_GUARD,
+    Deployment,
+    NodeProcess,
+    deploy,
+    eventually,
+    free_port,
+    node_config,
+    onchain,
+    served_chain,
+    stop_process,
+)
 from node.cli import new_private_key, write_key_file
 from node.control import (
     ControlClient,
     ControlError,
-    NodeInfo,
     assets_json,
     assets_of,
-    read_node_info,
 )
 from node.run import main as run_main
 from protocols.signing import Signer
-from protocols.types import Address, Assets
-from tests.node.anvil import free_port
+from protocols.types import Assets
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ETHER = 10**18
-TOKENS = 10**24
-CHALLENGE_PERIOD = 100
 RESERVE = Assets(50 * ETHER, 10**22)
 DEPOSIT = Assets(2 * ETHER, 2 * 10**21)
 LOCK = Assets(ETHER // 2, 5 * 10**20)
-
-STARTUP_GUARD = 45.0  # seconds a process may take to come up (imports on a busy machine)
-STOP_GUARD = 15.0
-CALL_GUARD = 90.0  # seconds one control call may take
-SETTLE_GUARD = 60.0
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- the chain
-
-
-def read_line(stream: IO[str], timeout: float) -> str:
-    """The next line of a pipe; TimeoutError if none comes within `timeout` seconds."""
-    with selectors.DefaultSelector() as selector:
-        selector.register(stream, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise TimeoutError(f"no output within {timeout} s")
-    return stream.readline()
-
-
-def stop_process(process: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
-    """Stop `process` (this one, by its pid): `sig`, wait, then SIGKILL if it lingers."""
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=STOP_GUARD)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_GUARD)
-    return process.returncode
 
 
 @pytest.fixture(scope="module")
 def chain_url() -> Iterator[str]:
     """One embedded chain served over JSON-RPC by its own process for this module."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "devnet.chain_server", "--port", "0"],
+    with served_chain() as url:
+        yield url
+
+
+def spawn_expecting_failure(config: Path) -> subprocess.Popen[str]:
+    """`python -m node.run` on `config`, for a run that must fail at startup."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.run", "--config", str(config)],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
+
+
+def startup_failure(process: subprocess.Popen[str]) -> str:
+    """The one error line of a process that must exit 2 at startup."""
     try:
-        url = read_line(process.stdout, STARTUP_GUARD).strip()
-        assert url.startswith("http://127.0.0.1:"), url
-        yield url
+        out, err = process.communicate(timeout=STARTUP_GUARD)
     finally:
         stop_process(process)
-        process.stdout.close()
-
-
-@dataclass(frozen=True)
-class Deployment:
-    url: str
-    manager: Address
-    token: Address
-    deployed_block: int
-    keys: dict[str, bytes]  # "hub", "a", "b"
-
-    def address(self, name: str) -> Address:
-        return Signer(self.keys[name]).address
-
-
-async def deploy(url: str) -> Deployment:
-    """A TestToken and a ChannelManager for a fresh hub key; three funded accounts."""
-    keys = {name: new_private_key() for name in ("hub", "a", "b")}
-    chain = ChainService.from_url(url, poll_interval=0.01)
-    try:
-        hub_key = keys["hub"]
-        hub = Signer(hub_key).address
-        await chain.fund(hub, 1000 * ETHER)
-        token = await chain.deploy_token("Weft Test Token", "WTT", sender_key=hub_key)
-        manager = await chain.deploy_channel_manager(
-            hub, token.address, CHALLENGE_PERIOD, sender_key=hub_key
-        )
-        await token.mint(hub, TOKENS, sender_key=hub_key)
-        for name in ("a", "b"):
-            user = Signer(keys[name]).address
-            await chain.fund(user, 100 * ETHER)
-            await token.mint(user, TOKENS, sender_key=hub_key)
-        return Deployment(url, manager.address, token.address, manager.deployed_block or 0, keys)
-    finally:
-        chain.close()
-
-
-async def onchain(url: str, token: Address, who: Address) -> Assets:
-    chain = ChainService.from_url(url)
-    try:
-        return Assets(await chain.eth_balance(who), await chain.token(token).balance_of(who))
-    finally:
-        chain.close()
-
-
-# ---------------------------------------------------------------- node processes
-
-
-class NodeProcess:
-    """One `python -m node.run` process on its own config and data directory."""
-
-    def __init__(self, root: Path, name: str, config: dict[str, Any], key: bytes) -> None:
-        self.name = name
-        self.dir = root / name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_key_file(self.dir / "node.key", key, force=False)
-        self.config_path = self.dir / "config.json"
-        self.config_path.write_text(
-            json.dumps({"key_file": "node.key", "data_dir": "data", **config}, indent=1)
-        )
-        self.data_dir = self.dir / "data"
-        self.log_path = self.dir / "node.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.info: NodeInfo | None = None
-
-    def start(self) -> None:
-        assert self.process is None or self.process.poll() is not None
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "node.run", "--config", str(self.config_path)],
-                cwd=REPO_ROOT,
-                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        self.info = None
-
-    def wait_ready(self) -> NodeInfo:
-        """Wait until this process has written its `node.json`."""
-        assert self.process is not None
-        deadline = time.monotonic() + STARTUP_GUARD
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                info = read_node_info(self.data_dir)
-            except (OSError, ValueError):
-                info = None
-            if info is not None and info.pid == self.process.pid:
-                self.info = info
-                return info
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not up within {STARTUP_GUARD} s:\n{self.log_tail()}")
-
-    def client(self) -> ControlClient:
-        return ControlClient.from_data_dir(self.data_dir, timeout=CALL_GUARD)
-
-    def stop(self) -> int | None:
-        if self.process is None:
-            return None
-        return stop_process(self.process)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()  # SIGKILL, to this process only
-        self.process.wait(timeout=STOP_GUARD)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def node_config(dep: Deployment, role: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "role": role,
-        "chain_url": dep.url,
-        "manager": dep.manager.checksum(),
-        "deployed_block": dep.deployed_block,
-        "poll_interval": 0.05,
-        "request_timeout": 60,
-        **extra,
-    }
+    assert process.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("weft-node: error:")]
+    assert len(errors) == 1, err
+    assert out == ""
+    return errors[0]
 
 
 @dataclass
@@ -248,7 +107,7 @@ def start_network(tmp_path: Path, dep: Deployment) -> Network:
     hub_info = hub.wait_ready()
     users = []
     for name in ("a", "b"):
-        config = node_config(dep, "user", hub=hub_info.peer_ref, listen_port=free_port())
+        config = node_config(dep, "user", hub=hub_info.hub_entry, listen_port=free_port())
         users.append(NodeProcess(tmp_path, name, config, dep.keys[name]))
     net.a, net.b = users
     for user in users:
@@ -265,17 +124,6 @@ def stop_network(net: Network | None, started: list[NodeProcess]) -> None:
             client.close()
     for node in reversed(started):
         node.stop()
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = SETTLE_GUARD) -> T:
-    """Poll `check` until it returns something other than None/False; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result is not None and result is not False:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"never happened within {timeout} s: {what}")
 
 
 def thread_view(client: ControlClient, key: dict[str, Any]) -> dict[str, Any] | None:
@@ -324,6 +172,8 @@ def test_hub_and_two_users_as_processes_every_wei_accounted(tmp_path: Path, chai
         assert status["role"] == "user"
         assert status["address"] == dep.address("a").checksum()
         assert hub.call("status")["role"] == "hub"
+        # A second process on A's data directory is refused (it exits by itself).
+        duplicate = spawn_expecting_failure(net.a.config_path)
 
         key = fund_channels(net)
         to_b, to_a = Assets(1_000_003, 7), Assets(500_001, 3)
@@ -364,6 +214,13 @@ def test_hub_and_two_users_as_processes_every_wei_accounted(tmp_path: Path, chai
         for node in (net.a, net.b, net.hub):
             assert node.stop() == 0, node.log_tail()
             assert not (node.data_dir / "node.json").exists()
+        assert "another node process is running" in startup_failure(duplicate)
+        # B's key on A's store: the store belongs to another node.
+        config = json.loads(net.a.config_path.read_text())
+        config["key_file"] = str(net.b.dir / "node.key")
+        foreign = net.a.dir / "foreign.json"
+        foreign.write_text(json.dumps(config))
+        assert "belongs to another node" in startup_failure(spawn_expecting_failure(foreign))
     finally:
         stop_network(net, started)
 
@@ -491,22 +348,6 @@ def test_an_unreachable_chain_fails_startup_with_exit_2(tmp_path: Path) -> None:
             }
         )
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "node.run", "--config", str(config)],
-        cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = process.communicate(timeout=STARTUP_GUARD)
-    finally:
-        stop_process(process)
-    assert process.returncode == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("weft-node: error:")]
-    assert len(errors) == 1, err
-    assert "cannot start the node" in errors[0]
-    assert out == ""
+    error = startup_failure(spawn_expecting_failure(config))
+    assert "cannot start the node" in error and "ChainUnavailable" in error
     assert not (tmp_path / "data" / "node.json").exists()

@@ -162,6 +162,25 @@ def test_pragmas_are_really_set(store: Store, path: Path) -> None:
         store.pragma("journal_mode; DROP TABLE state")
 
 
+def test_relaxed_commit_skips_only_its_own_fsync(store: Store) -> None:
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.commit(Batch(puts={"a": b"1"}), durable=False)
+    relaxed = list(statements)
+    statements.clear()
+    store.commit(Batch(puts={"b": b"2"}))
+    store._db.set_trace_callback(None)
+    assert relaxed[0] == "PRAGMA synchronous=NORMAL"
+    assert relaxed.index("COMMIT") < relaxed.index("PRAGMA synchronous=FULL")
+    assert not any("synchronous" in statement for statement in statements)
+    assert store.pragma("synchronous") == 2  # FULL again for everything else
+    assert store.load().states == {"a": b"1", "b": b"2"}
+    # A relaxed batch that fails writes nothing and leaves FULL in place too.
+    with pytest.raises(StoreError):
+        store.commit(Batch(outbox_done=frozenset({999})), durable=False)
+    assert store.pragma("synchronous") == 2
+
+
 def test_used_after_close(path: Path) -> None:
     store = Store(path)
     store.close()
