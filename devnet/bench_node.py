@@ -36,8 +36,8 @@ from typing import Any
 
 import trio
 
+from devnet.deploy import ETHER
 from devnet.processes import (
-    ETHER,
     Deployment,
     NodeProcess,
     deploy,
@@ -140,6 +140,42 @@ def one_run(
             node.stop()
 
 
+# Where a profiled node's own time (cProfile tottime) goes, by the code it is spent in.
+PROFILE_GROUPS = (
+    ("waiting for I/O (epoll)", ("select.epoll", "_io_epoll")),
+    ("SQLite (commit, fsync)", ("sqlite3",)),
+    ("secp256k1 sign and recover", ("_libsecp256k1", "coincurve")),
+    ("state codec (store encoding)", ("node/state_codec",)),
+    ("wire codec and framing", ("protocols/wire", "msgpack", "node/peer_stream")),
+    ("libp2p: yamux, noise, streams", ("libp2p/", "ChaCha20Poly1305")),
+    ("sockets", ("_socket",)),
+    ("protocol machines", ("protocols/",)),
+    ("node engine, peers, API", ("node/",)),
+    ("trio scheduling", ("trio/", "outcome", "_contextvars")),
+    ("Python built-ins, dataclasses, contextlib", ("~:", "dataclasses.py", "contextlib.py")),
+)
+
+
+def profile_breakdown(path: Path) -> list[tuple[str, float]]:
+    """(group, share of the non-waiting time) for the cProfile stats at `path`."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    totals: dict[str, float] = {}
+    for (filename, _, function), (_, _, tottime, _, _) in stats.items():
+        where = f"{filename}:{function}"
+        group = next(
+            (name for name, marks in PROFILE_GROUPS if any(m in where for m in marks)),
+            "other",
+        )
+        totals[group] = totals.get(group, 0.0) + tottime
+    busy = sum(t for g, t in totals.items() if not g.startswith("waiting"))
+    return sorted(
+        ((g, t / busy) for g, t in totals.items() if not g.startswith("waiting")),
+        key=lambda item: -item[1],
+    )
+
+
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, value in runs[0].items():
@@ -186,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
+    if args.profile:
+        for name in ("a", "b"):
+            print(f"profile of {name} (share of its busy time; under cProfile):")
+            for group, share in profile_breakdown(args.profile / f"{name}.prof"):
+                print(f"  {share:6.1%}  {group}")
     m = result["median"]
     print(f"median of {args.runs} runs ({args.pipelined:,} pipelined, window {args.window}):")
     print(f"  pipelined   {m['pipelined_payments_per_s']:>10,.0f} payments/s   (target >= 2,000)")

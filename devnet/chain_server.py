@@ -56,7 +56,6 @@ import ast
 import contextlib
 import json
 import logging
-import re
 import signal
 import socket
 import sys
@@ -84,14 +83,14 @@ from web3.providers.eth_tester.middleware import (
 from web3.types import RPCEndpoint
 
 from node.chain import EMBEDDED_GAS_LIMIT
+from node.json_depth import json_depth_within
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
 MAX_BATCH = 100
-MAX_JSON_DEPTH = 32  # py-evm raises the recursion limit to 100000, so json.loads no
-# longer stops deep nesting before the C stack overflows: the server checks it first.
+MAX_JSON_DEPTH = 32  # checked before json.loads (see node.json_depth for why)
 IDLE_TIMEOUT = 120.0  # seconds a connection may sit idle (or stall mid-request)
 ERROR_STRING_SELECTOR = bytes.fromhex("08c379a0")  # Error(string)
 LOGS_BLOOM_BYTES = 256
@@ -448,26 +447,6 @@ class EmbeddedChainRpc:
             return _dump(responses) if responses else None
         response = self.handle_request(parsed)
         return None if response is None else _dump(response)
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def json_depth_within(body: bytes, limit: int) -> bool:
-    """Whether the JSON text `body` nests arrays and objects at most `limit` deep
-    (brackets inside strings do not count; an unterminated string's do)."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return True
-    depth = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", body)):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                return False
-        else:
-            depth -= 1
-    return True
 
 
 def _error_response(request_id: Any, error: RpcError) -> dict[str, Any]:

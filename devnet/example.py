@@ -11,10 +11,9 @@ from pathlib import Path
 
 import trio
 
+from devnet.deploy import ETHER
 from devnet.local import local_network
 from protocols.types import Assets
-
-ETHER = 10**18
 
 
 async def main(root: Path) -> None:

@@ -7,13 +7,13 @@
 Every node is a real `open_node` (a libp2p host on 127.0.0.1, its own SQLite store under
 `root`, the chain watcher and submitter on the shared embedded chain), run in its own task,
 like a process: it can be stopped and started again on its store. The contracts are
-deployed fresh, every account is funded with ETH and test tokens, and the hub deposits a
-reserve. Used by the README's example and the integration tests.
+deployed fresh and every account is funded with ETH and test tokens
+(`devnet.deploy.deploy_contracts`), and the hub deposits a reserve. Used by the README's
+example and the integration tests.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -22,8 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+# ETHER, TOKENS and CHALLENGE_PERIOD also from here, for the integration tests.
+from devnet.deploy import CHALLENGE_PERIOD as CHALLENGE_PERIOD
+from devnet.deploy import ETHER as ETHER
+from devnet.deploy import TOKENS as TOKENS
+from devnet.deploy import deploy_contracts
 from node.api import Node, NodeSettings, open_node
 from node.chain import ChainService, ManagerClient, TokenClient
+from node.cli import new_private_key
 from protocols.signing import Signer
 from protocols.types import Address, Assets, Party
 
@@ -31,20 +37,9 @@ if TYPE_CHECKING:
     # The trio stubs that libp2p brings in (trio-typing) keep TaskStatus there.
     from trio_typing import TaskStatus
 
-ETHER = 10**18
-TOKENS = 10**24
-CHALLENGE_PERIOD = 100
 DEFAULT_RESERVE = Assets(50 * ETHER, 10**22)
 
-
-def new_key() -> bytes:
-    while True:
-        raw = secrets.token_bytes(32)
-        try:
-            Signer(raw)
-        except ValueError:
-            continue
-        return raw
+new_key = new_private_key  # the name tests.integration knows it by
 
 
 @dataclass
@@ -171,17 +166,9 @@ async def local_network(
     """Deploy the contracts on a fresh embedded chain, fund the accounts, start the nodes."""
     chain = ChainService.embedded()
     try:
-        hub = Slot(new_key(), "hub", Party.HUB)
-        slots = [Slot(new_key(), f"user{i}", Party.USER) for i in range(users)]
-        await chain.fund(hub.address, 1000 * ETHER)
-        token = await chain.deploy_token("Weft Test Token", "WTT", sender_key=hub.key)
-        manager = await chain.deploy_channel_manager(
-            hub.address, token.address, CHALLENGE_PERIOD, sender_key=hub.key
-        )
-        await token.mint(hub.address, TOKENS, sender_key=hub.key)
-        for slot in slots:
-            await chain.fund(slot.address, 100 * ETHER)
-            await token.mint(slot.address, TOKENS, sender_key=hub.key)
+        hub = Slot(new_private_key(), "hub", Party.HUB)
+        slots = [Slot(new_private_key(), f"user{i}", Party.USER) for i in range(users)]
+        token, manager = await deploy_contracts(chain, hub.key, [slot.key for slot in slots])
         async with trio.open_nursery() as nursery:
             net = Network(chain, manager, token, root, nursery, hub, slots, overrides)
             await net.start(hub)

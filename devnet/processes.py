@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from devnet.deploy import deploy_contracts
 from node.chain import ChainService
 from node.cli import new_private_key, write_key_file
 from node.control import ControlClient, NodeInfo, read_node_info
@@ -30,9 +31,6 @@ from protocols.signing import Signer
 from protocols.types import Address, Assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ETHER = 10**18
-TOKENS = 10**24
-CHALLENGE_PERIOD = 100
 
 STARTUP_GUARD = 45.0  # seconds a process may take to come up (imports on a busy machine)
 STOP_GUARD = 15.0
@@ -113,22 +111,11 @@ class Deployment:
 
 async def deploy(url: str, users: tuple[str, ...] = ("a", "b")) -> Deployment:
     """A TestToken and a ChannelManager for a fresh hub key; the hub and `users` funded
-    with ETH and tokens."""
+    with ETH and tokens (`devnet.deploy.deploy_contracts`, at the chain server `url`)."""
     keys = {name: new_private_key() for name in ("hub", *users)}
     chain = ChainService.from_url(url, poll_interval=0.01)
     try:
-        hub_key = keys["hub"]
-        hub = Signer(hub_key).address
-        await chain.fund(hub, 1000 * ETHER)
-        token = await chain.deploy_token("Weft Test Token", "WTT", sender_key=hub_key)
-        manager = await chain.deploy_channel_manager(
-            hub, token.address, CHALLENGE_PERIOD, sender_key=hub_key
-        )
-        await token.mint(hub, TOKENS, sender_key=hub_key)
-        for name in users:
-            user = Signer(keys[name]).address
-            await chain.fund(user, 100 * ETHER)
-            await token.mint(user, TOKENS, sender_key=hub_key)
+        token, manager = await deploy_contracts(chain, keys["hub"], [keys[u] for u in users])
         return Deployment(url, manager.address, token.address, manager.deployed_block or 0, keys)
     finally:
         chain.close()

@@ -71,16 +71,15 @@ log = logging.getLogger("weft.node")
 DEFAULT_TIMEOUT = 60.0  # seconds a request may take before RequestTimeout
 STORE_FILE = "node.sqlite"
 MAX_FINALS_KEPT = 1024  # final states of closed threads kept for close_thread's answer
-EVENT_BUFFER = 10_000
+EVENT_BUFFER = 10_000  # events kept for a slow `events()` reader; newer ones are dropped
 COLLATERAL_RETRY = 0.1  # seconds before asking again while the channel is busy
 RECONNECT_INTERVAL = 1.0  # seconds between attempts to reach thread peers that are gone
 RECONNECT_TIMEOUT = 5.0
-_LIVE_PHASES = (
-    th.ThreadPhase.PROPOSED,
-    th.ThreadPhase.AGREED,
-    th.ThreadPhase.OPEN,
-    th.ThreadPhase.CLOSING,
-)  # events kept for a slow `events()` reader before the oldest go
+SUBMIT_ATTEMPTS = 5  # tries of a transaction the chain did not refuse (unreachable, timeout)
+SUBMIT_BACKOFF = 1.0  # seconds before the second try, doubling
+# Threads whose peer a user keeps a stream to: proposals and payments go back and forth.
+# (An agreed thread waits for the hub, not for the peer.)
+_LIVE_PHASES = (th.ThreadPhase.PROPOSED, th.ThreadPhase.OPEN, th.ThreadPhase.CLOSING)
 
 
 # ---------------------------------------------------------------- errors
@@ -278,7 +277,9 @@ class Node:
         self.submitter = submitter
         self._ops: dict[int, _Waiter] = {}
         self._payments: dict[int, _Waiter] = {}
-        self._ids = itertools.count(1)
+        # Request and payment ids: above every id still in the loaded state, so an event of
+        # a request made before a restart never answers a new one.
+        self._ids = itertools.count(_highest_id(engine.state) + 1)
         self._subscribers: list[trio.MemorySendChannel[object]] = []
         self._finals: dict[ThreadKey, SignedThreadState] = {}  # closed, for close_thread
         self._running = True
@@ -466,7 +467,8 @@ class Node:
     def start_payment(self, key: ThreadKey, amount: Assets) -> Payment:
         """Propose a payment now and return at once; `await payment.wait()` for the result.
 
-        Many payments may be in flight on one thread (they share writes and commits).
+        Many payments may be in flight on one thread (they share writes and commits). The
+        node keeps each payment's outcome until `wait()` collects it: wait for every one.
         """
         self._check_user()
         payment_id = next(self._ids)
@@ -539,6 +541,8 @@ class Node:
             raise ChainTransactionFailed(f"reserve deposit failed: {exc}") from exc
 
     async def reserve(self) -> Assets:
+        """Hub: my reserve in the ChannelManager."""
+        self._check_hub()
         return await self.submitter.reserve()
 
     async def collateralize(
@@ -577,6 +581,15 @@ class Node:
         """Hub: move `amount` of my balance in `user`'s channel back to my reserve."""
         self._check_hub()
         await self.engine.submit(roles.ActionReclaimCollateral(user, amount))
+
+
+def _highest_id(state: roles.NodeState) -> int:
+    """The highest request or payment id in `state` (0 if none)."""
+    ids = [op.op_id for op in state.coordination.ops]
+    for side in state.threads.values():
+        ids.extend(o.payment_id for o in side.outgoing)
+        ids.extend(q.payment_id for q in side.queued)
+    return max(ids, default=0)
 
 
 # ---------------------------------------------------------------- running
@@ -691,6 +704,16 @@ async def _run_node(
     async def perform_onchain() -> None:
         async for seq, effect in onchain_receive:
             result = await submitter.submit_authorized_update(effect.latest)
+            backoff = SUBMIT_BACKOFF
+            for _ in range(SUBMIT_ATTEMPTS - 1):
+                # Not refused by the contract: the chain was unreachable or slow. Try again
+                # (a transaction that was mined meanwhile is reported as already executed).
+                if not isinstance(result, SubmitFailed) or result.revert:
+                    break
+                log.info("authorized update not sent (%s); again in %.0f s", result.reason, backoff)
+                await trio.sleep(backoff)
+                backoff *= 2
+                result = await submitter.submit_authorized_update(effect.latest)
             if isinstance(result, SubmitFailed):
                 log.warning("authorized update failed: %s", result.reason)
                 state = effect.latest.state

@@ -22,7 +22,8 @@ Error types: the name of the `node.api.WeftError` subclass the node raised
 over `MAX_LINE` also closes the connection), `Unauthorized` (wrong or missing token; the
 connection is closed), `Busy` (too many connections), `ChainError` (a chain read failed),
 `InternalError` (a bug; logged with its traceback). A bad request never stops the node.
-A connection must make an authorized request within `AUTH_TIMEOUT` seconds of opening.
+A connection must make an authorized request within `AUTH_TIMEOUT` seconds of opening
+(refused requests do not extend that), or it is closed.
 
 Values: amounts are `[eth, token]` pairs of ints (wei, token base units); addresses are
 0x hex (any case; EIP-55 checked when mixed); a thread key is
@@ -69,7 +70,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import time
@@ -93,6 +93,7 @@ from node.api import (
 )
 from node.chain_errors import ChainError
 from node.host import HUB_PROTOCOL
+from node.json_depth import json_depth_within
 from protocols.errors import InvalidValue
 from protocols.messages import SignedThreadState
 from protocols.types import Address, Assets, ThreadKey
@@ -134,6 +135,7 @@ MAX_CONNECTIONS: Final = 16
 AUTH_TIMEOUT: Final = 10.0
 """Seconds a new connection has to make its first authorized request."""
 MAX_JSON_DEPTH: Final = 32
+"""Deepest nesting of a request line, checked before parsing (see `node.json_depth`)."""
 MAX_TIMEOUT: Final = 3600.0
 MAX_BENCH_COUNT: Final = 1_000_000
 MAX_BENCH_WINDOW: Final = 1024
@@ -219,29 +221,6 @@ def _final_json(final: SignedThreadState) -> dict[str, Any]:
         "balance_sender": assets_json(state.balance_sender),
         "balance_receiver": assets_json(state.balance_receiver),
     }
-
-
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(rb"[\[\]{}]")
-
-
-def json_depth_within(text: bytes, limit: int) -> bool:
-    """Whether JSON `text` nests arrays and objects at most `limit` deep.
-
-    Checked before `json.loads`: py-evm, which the node imports, raises the recursion
-    limit so far that deep nesting would overflow the C stack instead of raising.
-    """
-    if text.count(b"[") + text.count(b"{") <= limit:
-        return True
-    depth = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", text)):
-        if match.group() in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                return False
-        else:
-            depth -= 1
-    return True
 
 
 # ---------------------------------------------------------------- requests and answers
@@ -684,26 +663,31 @@ class _ControlServer:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         reader = _LineReader(stream, MAX_LINE)
+        # One deadline per connection, from its opening until its first authorized
+        # request (reading lines and sending their answers): lines refused before their
+        # token is looked at (junk, a request without an id) do not extend it, so a
+        # client without the token cannot hold a connection slot.
+        auth_deadline = trio.current_time() + self._auth_timeout
         authorized = False
         while True:
-            try:
-                if authorized:
+            line = None
+            with trio.CancelScope(deadline=math.inf if authorized else auth_deadline):
+                try:
                     line = await reader.next_line()
-                else:
-                    line = None
-                    with trio.move_on_after(self._auth_timeout):
-                        line = await reader.next_line()
-            except _LineTooLong:
-                message = f"request line exceeds {MAX_LINE} bytes"
-                await self._send(stream, _error(None, "BadRequest", message))
-                return
+                except _LineTooLong:
+                    message = f"request line exceeds {MAX_LINE} bytes"
+                    await self._send(stream, _error(None, "BadRequest", message))
+                    return
             if line is None:
-                return
+                return  # end of stream, or out of time to authorize
             answer, verdict = await self.answer(line)
-            await self._send(stream, answer)
-            if verdict is _Verdict.CLOSE:
-                return
             authorized = authorized or verdict is _Verdict.AUTHORIZED
+            sent = False
+            with trio.CancelScope(deadline=math.inf if authorized else auth_deadline):
+                await self._send(stream, answer)
+                sent = True
+            if not sent or verdict is _Verdict.CLOSE:
+                return
 
     async def answer(self, line: bytes) -> tuple[dict[str, Any], _Verdict]:
         """The answer to one request line, and what it means for the connection."""
@@ -758,10 +742,10 @@ async def serve_control(
     cancelled; start it with `nursery.start`, which returns the port.
 
     `token`: the secret every request must carry (non-empty). At most `max_connections`
-    at once; each must make an authorized request within `auth_timeout` seconds. Raises
-    OSError if the port cannot be bound. Cancelling it closes the listener and every
-    connection; requests in progress are cancelled (what they asked the node may still
-    complete).
+    at once; each must make an authorized request within `auth_timeout` seconds of
+    opening. Raises OSError if the port cannot be bound. Cancelling it closes the listener
+    and every connection; requests in progress are cancelled (what they asked the node may
+    still complete).
     """
     if not token:
         raise ValueError("the control interface needs a token")

@@ -17,13 +17,13 @@ Store layout (values are `node.state_codec` encodings):
     coordination             Coordination
     chain/cursor             next block to read
     record/<user hex>        the contract's ChannelRecord of that channel
-    outbox                   ContractSendAuthorizedUpdate effects not yet performed
+and, in the outbox table, the ContractSendAuthorizedUpdate effects not yet performed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -181,7 +181,6 @@ class Engine:
         self._identity_written = not loaded.fresh
         self.steps = 0
         self.commits = 0
-        self.durable_commits = 0
 
     # -- feeding
 
@@ -255,7 +254,6 @@ class Engine:
                 seqs = self._commit(batch, durable)
             else:
                 seqs = await self.store.commit(batch, durable=durable)
-            self.durable_commits += durable
             self.commits += 1
         else:
             seqs = ()
@@ -341,6 +339,3 @@ def chain_inputs(
     ]
     inputs.append(ch.ContractReceiveBlock(timestamp))
     return tuple(inputs)
-
-
-Deliver = Callable[[object], Awaitable[None]]

@@ -28,7 +28,7 @@ from typing import Any
 from protocols import channel as ch
 from protocols import thread as th
 from protocols.effects import Receive, Send, Transition
-from protocols.eip712 import Domain, thread_state_digest
+from protocols.eip712 import Domain, channel_state_digest, thread_state_digest
 from protocols.messages import (
     ChannelCountersign,
     ChannelProposal,
@@ -107,7 +107,6 @@ class OpKind(Enum):
     OPEN_THREAD = "open_thread"
     CLOSE_THREAD = "close_thread"
     PAY_VIA_HUB = "pay_via_hub"
-    COLLATERAL = "collateral"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +137,19 @@ class ThreadOpening:
 
 @dataclass(frozen=True, slots=True)
 class ThreadClosing:
-    """Hub: a thread being settled; `remaining` are the channels not yet settled."""
+    """Hub: a thread being settled, one channel after the other, at one state.
+
+    `order`: the channels still to settle, the first one's proposal in flight (or refused,
+    `waiting` for a later final). The channel of the party that did not ask for the close
+    goes first: it refuses a state older than one it holds. Once a channel settled,
+    `final` is `fixed`: the other channel settles at the same state, so the hub's total
+    over both is what it was.
+    """
 
     final: SignedThreadState
-    remaining: frozenset[Address]
+    order: tuple[Address, ...]
+    fixed: bool = False
+    waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +169,8 @@ class Coordination:
     openings: tuple[ThreadOpening, ...] = ()  # hub
     closings: tuple[ThreadClosing, ...] = ()  # hub
     forwards: tuple[Forward, ...] = ()  # hub: waiting for collateral
+    # hub: routed payments (and refunds of them) proposed, not yet signed by the payee
+    paying: tuple[Forward, ...] = ()
     collateral: tuple[tuple[Address, Assets], ...] = ()  # hub: deposits in flight
     invalidating: frozenset[tuple[Address, int]] = frozenset()  # pending updates undone
     now: int = 0  # the latest block timestamp
@@ -553,9 +563,12 @@ class _Run:
                 self.on_input(item)
 
     def step_channel(self, user: Address, event: ch.ChannelInput) -> None:
-        side = self.channels.get(user)
-        if side is None:
+        stored = self.channels.get(user)
+        if stored is None:
             return
+        # The channel's clock is the node's (kept once, in the coordination): a changed
+        # channel is stored with it, an unchanged one is not rewritten for it.
+        side = stored if stored.now == self.coord.now else replace(stored, now=self.coord.now)
         nonces: dict[ThreadKey, int] | None = None
         if not self.is_hub and isinstance(event, Receive):
             nonces = {
@@ -582,6 +595,13 @@ class _Run:
                 self.emit(effect)
             else:
                 self.work.append(_ChannelEffect(user, effect))
+        if (
+            not self.is_hub
+            and isinstance(event, Receive)
+            and result.rejection is not None
+            and result.rejection.reason is RejectReason.STALE_THREAD_STATE
+        ):
+            self.user_refused_settle(event.message)
 
     def step_thread(self, key: ThreadKey, event: th.ThreadInput) -> None:
         side = self.threads.get(key)
@@ -610,8 +630,6 @@ class _Run:
         elif isinstance(event, ch.ContractReceiveBlock):
             if event.timestamp > self.coord.now:
                 self.set_coord(replace(self.coord, now=event.timestamp))
-            for user in list(self.channels):
-                self.step_channel(user, event)
             self.invalidate_timed_out()
         elif isinstance(event, ch.ContractReceiveChannelUpdated):
             self.step_channel(event.user, event)
@@ -625,8 +643,11 @@ class _Run:
         elif isinstance(event, ActionPeerUnreachable):
             self.on_unreachable(event.peer)
         elif isinstance(event, ActionCollateralize):
-            if self.is_hub:
+            # The operator's own request: it may be for a user not heard from yet.
+            if self.is_hub and self.ensure_channel(event.user):
                 self.collateralize(event.user, event.amount)
+            elif self.is_hub:
+                self.emit(EventRejected(event.user, RejectReason.POLICY, "no more channels"))
         elif isinstance(event, ActionReclaimCollateral):
             if self.is_hub:
                 self.reclaim(event.user, event.amount)
@@ -673,9 +694,15 @@ class _Run:
             if user != sender:
                 self.emit(EventRejected(sender, RejectReason.NOT_A_PARTY, "another's channel"))
                 return
-            if not self.ensure_channel(user):
-                self.send(sender, ErrorNotice(RejectReason.POLICY, "hub takes no more channels"))
-                return
+            if user not in self.channels:
+                if not _signed_by_user(self.config.domain, event.message, user):
+                    # A channel is held for a user once it signs something for it.
+                    self.emit(EventRejected(sender, RejectReason.UNKNOWN_CHANNEL, "no channel"))
+                    return
+                if not self.ensure_channel(user):
+                    notice = ErrorNotice(RejectReason.POLICY, "hub takes no more channels")
+                    self.send(sender, notice)
+                    return
         elif user != self.me or sender != self.config.hub:
             self.emit(EventRejected(sender, RejectReason.UNKNOWN_CHANNEL, "not my channel"))
             return
@@ -694,7 +721,7 @@ class _Run:
 
     def on_reconnected(self, peer: Address) -> None:
         if self.is_hub:
-            if self.ensure_channel(peer):
+            if peer in self.channels:
                 self.step_channel(peer, ch.ActionReconnected())
             return
         if peer == self.config.hub:
@@ -703,6 +730,18 @@ class _Run:
         for key, side in list(self.threads.items()):
             if side.peer == peer:
                 self.step_thread(key, th.ActionReconnected())
+
+    def user_refused_settle(self, message: Message) -> None:
+        """The hub proposed to settle a thread of mine at a state older than one I hold
+        (the peer closed at an old state): hand it my latest, to settle at that."""
+        if not isinstance(message, ChannelProposal):
+            return
+        update = message.update
+        if not isinstance(update, UpdateCloseThread):
+            return
+        side = self.threads.get(update.final.key)
+        if side is not None and side.latest is not None:
+            self.send(self.config.hub, ThreadCloseRequest(side.latest))
 
     def resend_hub_requests(self) -> None:
         """After the hub came back: ask again for the thread opens and closes it may have
@@ -752,10 +791,9 @@ class _Run:
             if effect.initial.state.sender == self.me:
                 self.send(self.config.hub, ThreadOpenRequest(effect.initial))
         elif isinstance(effect, th.EventThreadOpenRefused):
-            op = self.op_for_thread(OpKind.OPEN_THREAD, key)
             self.forget_thread(key)
-            if op is not None:
-                self.fail_op(op, effect.reason, f"peer refused the thread: {effect.detail}")
+            detail = f"peer refused the thread: {effect.detail}"
+            self.fail_thread_ops(OpKind.OPEN_THREAD, key, effect.reason, detail)
         elif isinstance(effect, th.EventThreadFinal):
             self.send(self.config.hub, ThreadCloseRequest(effect.final))
             self.emit(effect)
@@ -839,6 +877,22 @@ class _Run:
     def op_for_thread(self, kind: OpKind, key: ThreadKey) -> Op | None:
         return next((o for o in self.coord.ops if o.kind is kind and o.key == key), None)
 
+    def finish_thread_ops(self, kind: OpKind, key: ThreadKey) -> None:
+        """Every request of `kind` about thread `key` is done (a retried close, say)."""
+        for op in [o for o in self.coord.ops if o.kind is kind and o.key == key]:
+            self.finish_op(op, key)
+
+    def fail_thread_ops(
+        self,
+        kind: OpKind,
+        key: ThreadKey,
+        reason: RejectReason,
+        detail: str,
+        missing: Assets = NO_ASSETS,
+    ) -> None:
+        for op in [o for o in self.coord.ops if o.kind is kind and o.key == key]:
+            self.fail_op(op, reason, detail, missing)
+
     def op_for_pending(self, tx_count_onchain: int) -> Op | None:
         return next(
             (
@@ -874,11 +928,8 @@ class _Run:
             self.on_thread_effect(initial.key, effect)
 
     def next_thread_id(self) -> int:
-        """One above every id of a thread I ever sent (a thread key is used once)."""
-        channel = self.my_channel()
-        keys = [*self.threads, *channel.closed_threads, *(t.state.key for t in channel.threads)]
-        used = (k.thread_id for k in keys if k.sender == self.me)
-        return 1 + max(self.coord.last_thread_id, *used, 0)
+        """One above every id I ever used as a thread's sender (a thread key is used once)."""
+        return self.coord.last_thread_id + 1
 
     def close_thread(self, event: ActionCloseThread) -> None:
         side = self.threads.get(event.key)
@@ -889,6 +940,21 @@ class _Run:
             self.emit(EventOpFailed(event.op_id, RejectReason.THREAD_CLOSING, "already closing"))
             return
         self.add_op(Op(event.op_id, OpKind.CLOSE_THREAD, key=event.key))
+        if self.my_channel().open_thread(event.key) is None and side.phase in (
+            th.ThreadPhase.AGREED,
+            th.ThreadPhase.FINAL,
+        ):
+            # My channel never locked it (an open that failed or was abandoned): nothing is
+            # locked in it. Forget it, and tell the hub: if it is still locking the thread,
+            # it settles it at this (initial) state once locked.
+            if side.latest is not None:
+                self.send(self.config.hub, ThreadCloseRequest(side.latest))
+            self.forget_thread(event.key)
+            self.fail_thread_ops(
+                OpKind.OPEN_THREAD, event.key, RejectReason.THREAD_CLOSED, "closed before locked"
+            )
+            self.finish_thread_ops(OpKind.CLOSE_THREAD, event.key)
+            return
         if side.phase is th.ThreadPhase.FINAL and side.latest is not None:
             # Already final (e.g. the peer closed first): hand the hub the final state again.
             self.send(self.config.hub, ThreadCloseRequest(side.latest))
@@ -947,13 +1013,13 @@ class _Run:
 
     def on_hub_notice(self, message: Message) -> None:
         if isinstance(message, ThreadOpenRefused):
-            op = self.op_for_thread(OpKind.OPEN_THREAD, message.key)
             side = self.threads.get(message.key)
             locked = self.my_channel().open_thread(message.key) is not None
             if side is not None and not locked and side.phase is th.ThreadPhase.AGREED:
                 self.forget_thread(message.key)
-            if op is not None:
-                self.fail_op(op, message.reason, message.detail, message.missing)
+            self.fail_thread_ops(
+                OpKind.OPEN_THREAD, message.key, message.reason, message.detail, message.missing
+            )
         elif isinstance(message, CollateralNeeded):
             self.emit(EventCollateralNeeded(message.user, message.missing))
         else:
@@ -995,17 +1061,13 @@ class _Run:
             self.work.append(_ToThread(key, th.ActionConfirmLock()))
             signed = SignedThreadState(update.initial, update.sig_sender, update.sig_receiver)
             self.emit(EventThreadOpened(signed))
-            op = self.op_for_thread(OpKind.OPEN_THREAD, key)
-            if op is not None:
-                self.finish_op(op, key)
+            self.finish_thread_ops(OpKind.OPEN_THREAD, key)
         elif isinstance(update, UpdateCloseThread):
             key = update.final.key
             final = SignedThreadState(update.final, update.sig_sender, update.sig_receiver)
             self.emit(EventThreadClosed(final))
             self.forget_thread(key)
-            op = self.op_for_thread(OpKind.CLOSE_THREAD, key)
-            if op is not None:
-                self.finish_op(op, key)
+            self.finish_thread_ops(OpKind.CLOSE_THREAD, key)
 
     def user_update_failed(self, event: ch.EventUpdateFailed) -> None:
         if self.confirm_refused(self.me, event):
@@ -1088,7 +1150,7 @@ class _Run:
             self.set_coord(replace(self.coord, invalidating=still))
         for user, side in list(self.channels.items()):
             state = side.latest.state
-            if not state.has_pending() or side.now < state.timeout:
+            if not state.has_pending() or self.now() < state.timeout:
                 continue
             if side.onchain_executed >= state.tx_count_onchain:
                 continue
@@ -1208,12 +1270,12 @@ class _Run:
             return
         closing = self.coord.closing(key)
         if closing is not None:
-            if state.tx_count > closing.final.state.tx_count:
-                # Settle the channels not settled yet at the newer state (one that refused
-                # the older one as stale takes this one; a duplicate fails THREAD_NOT_OPEN).
-                self.set_closing(closing, replace(closing, final=final))
-                for user in sorted(closing.remaining, key=lambda a: a.raw):
-                    self.propose_settle(user, final)
+            if not closing.fixed and state.tx_count > closing.final.state.tx_count:
+                # A later state: used from the first channel's next proposal on (now, if
+                # the first refused the earlier one as stale).
+                self.set_closing(closing, replace(closing, final=final, waiting=False))
+                if closing.waiting:
+                    self.propose_settle(closing.order[0], final)
             return
         opening = self.coord.opening(key)
         if opening is not None:
@@ -1221,16 +1283,16 @@ class _Run:
             if opening.final is None or state.tx_count > opening.final.state.tx_count:
                 self.set_opening(opening, replace(opening, final=final))
             return
-        remaining = frozenset(
+        other = state.receiver if sender == state.sender else state.sender
+        order = tuple(
             u
-            for u in (state.sender, state.receiver)
+            for u in (other, sender)
             if u in self.channels and self.channels[u].open_thread(key) is not None
         )
-        if not remaining:
+        if not order:
             return
-        self.set_closing(None, ThreadClosing(final, remaining))
-        for user in sorted(remaining, key=lambda a: a.raw):
-            self.propose_settle(user, final)
+        self.set_closing(None, ThreadClosing(final, order))
+        self.propose_settle(order[0], final)
 
     def hub_channel_updated(self, user: Address, event: ch.EventChannelUpdated) -> None:
         update = event.update
@@ -1253,18 +1315,16 @@ class _Run:
                 self.set_opening(opening, None)
                 return
             closing = self.coord.closing(key)
-            if closing is None:
+            if closing is None or closing.order[0] != user:
                 return
-            remaining = closing.remaining - {user}
-            if remaining:
-                self.set_closing(closing, replace(closing, remaining=remaining))
-            else:
-                self.set_closing(closing, None)
-                final = SignedThreadState(update.final, update.sig_sender, update.sig_receiver)
-                self.emit(EventThreadClosed(final))
+            self.settled_one(
+                closing, SignedThreadState(update.final, update.sig_sender, update.sig_receiver)
+            )
         elif isinstance(update, UpdatePayment):
             if event.proposed_by is Party.USER and update.forward_to != ZERO_ADDRESS:
                 self.forward(Forward(user, update.forward_to, update.amount))
+            elif event.proposed_by is Party.HUB:
+                self.take_paying(user, update.amount)
         elif isinstance(update, UpdateConfirmPending):
             amount = self.coord.collateral_for(user)
             if amount is not None:
@@ -1277,6 +1337,16 @@ class _Run:
         ):
             self.drop_collateral(user)
             self.refund_forwards(user, "collateral timed out")
+
+    def settled_one(self, closing: ThreadClosing, final: SignedThreadState) -> None:
+        """The first channel of `closing` settled at `final`: settle the next one there."""
+        rest = closing.order[1:]
+        if rest:
+            self.set_closing(closing, ThreadClosing(final, rest, fixed=True))
+            self.propose_settle(rest[0], final)
+        else:
+            self.set_closing(closing, None)
+            self.emit(EventThreadClosed(final))
 
     def hub_update_failed(self, user: Address, event: ch.EventUpdateFailed) -> None:
         if self.confirm_refused(user, event):
@@ -1305,14 +1375,40 @@ class _Run:
                 self.drop_collateral(user)
                 self.refund_forwards(user, f"collateral refused: {event.detail}")
         elif isinstance(update, UpdatePayment) and update.payer is Party.HUB:
-            self.emit(EventRejected(user, event.reason, f"hub payment failed: {event.detail}"))
+            forward = self.take_paying(user, update.amount)
+            detail = f"hub payment failed: {event.detail}"
+            if forward is None or forward.source == ZERO_ADDRESS:
+                # Not a routed payment, or its refund failed: it stays with the hub.
+                self.emit(EventRejected(user, event.reason, detail))
+            elif event.reason is RejectReason.INSUFFICIENT_COLLATERAL:
+                self.forward(forward)  # waits for collateral, or is refunded
+            else:
+                self.refund(forward, detail)
         elif isinstance(update, UpdateCloseThread):
-            self.emit(EventRejected(user, event.reason, f"thread settle failed: {event.detail}"))
+            closing = self.coord.closing(update.final.key)
+            if closing is None or closing.order[0] != user:
+                self.emit(EventRejected(user, event.reason, f"settle failed: {event.detail}"))
+            elif event.reason is RejectReason.THREAD_NOT_OPEN:
+                # This channel no longer holds the thread: nothing to settle there.
+                self.settled_one(closing, closing.final)
+            elif event.reason is RejectReason.STALE_THREAD_STATE and not closing.fixed:
+                # The party holds a later state and sends it (`user_refused_settle`): settle
+                # at it now if it came first, else once it comes.
+                self.emit(EventRejected(user, event.reason, f"settle refused: {event.detail}"))
+                if closing.final.state.tx_count > update.final.tx_count:
+                    self.propose_settle(user, closing.final)
+                else:
+                    self.set_closing(closing, replace(closing, waiting=True))
+            else:
+                self.emit(EventRejected(user, event.reason, f"settle failed: {event.detail}"))
 
     def collateralize(self, user: Address, missing: Assets) -> None:
         """Top the hub's balance in `user`'s channel up to cover `missing` more (once at a time)."""
         side = self.channels.get(user)
-        if side is None or self.coord.collateral_for(user) is not None:
+        if side is None:
+            self.emit(EventRejected(user, RejectReason.UNKNOWN_CHANNEL, "no channel"))
+            return
+        if self.coord.collateral_for(user) is not None:
             return
         state = side.latest.state
         if state.has_pending() or side.outgoing is not None or side.queued:
@@ -1335,7 +1431,7 @@ class _Run:
             withdrawal_hub=NO_ASSETS,
             withdrawal_user=NO_ASSETS,
             recipient=state.recipient,
-            timeout=side.now + self.config.pending_timeout,
+            timeout=self.now() + self.config.pending_timeout,
         )
         collateral = (*self.coord.collateral, (user, deposit))
         self.set_coord(replace(self.coord, collateral=collateral))
@@ -1367,8 +1463,7 @@ class _Run:
             return
         have = target.latest.state.balance_hub
         if have.covers(forward.amount):
-            payment = UpdatePayment(Party.HUB, forward.amount, ZERO_ADDRESS)
-            self.work.append(_ToChannel(forward.to, ch.ActionProposeUpdate(payment)))
+            self.pay_on(forward, forward.to)
             return
         missing = have.shortfall(forward.amount)
         self.send(forward.source, CollateralNeeded(forward.to, missing))
@@ -1394,9 +1489,25 @@ class _Run:
             self.refund(f, why)
 
     def refund(self, forward: Forward, why: str) -> None:
-        payment = UpdatePayment(Party.HUB, forward.amount, ZERO_ADDRESS)
-        self.work.append(_ToChannel(forward.source, ch.ActionProposeUpdate(payment)))
+        self.pay_on(replace(forward, to=forward.source, source=ZERO_ADDRESS), forward.source)
         self.emit(EventRejected(forward.source, RejectReason.POLICY, f"routed payment: {why}"))
+
+    def pay_on(self, forward: Forward, user: Address) -> None:
+        """Propose the hub's payment of `forward` in `user`'s channel, and keep it until
+        signed (a refund is a Forward from the zero address)."""
+        self.set_coord(replace(self.coord, paying=(*self.coord.paying, forward)))
+        payment = UpdatePayment(Party.HUB, forward.amount, ZERO_ADDRESS)
+        self.work.append(_ToChannel(user, ch.ActionProposeUpdate(payment)))
+
+    def take_paying(self, user: Address, amount: Assets) -> Forward | None:
+        """The first routed payment in flight to `user` of `amount`, now settled or failed."""
+        for forward in self.coord.paying:
+            if forward.to == user and forward.amount == amount:
+                rest = list(self.coord.paying)
+                rest.remove(forward)
+                self.set_coord(replace(self.coord, paying=tuple(rest)))
+                return forward
+        return None
 
 
 # ---------------------------------------------------------------- helpers
@@ -1405,6 +1516,18 @@ class _Run:
 def _rejection(result: Transition[Any]) -> tuple[RejectReason, str]:
     assert result.rejection is not None
     return result.rejection.reason, result.rejection.detail
+
+
+def _signed_by_user(domain: Domain, message: Message, user: Address) -> bool:
+    """Whether `message` carries a channel state of `user` signed by `user`."""
+    if isinstance(message, ChannelProposal):
+        signature = message.signature
+    elif isinstance(message, ChannelSync):
+        signature = message.sig_user
+    else:
+        return False
+    digest = channel_state_digest(domain, message.state)
+    return message.state.user == user and is_signed_by(digest, signature, user)
 
 
 def _double_signed(domain: Domain, signed: SignedThreadState) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from devnet.local import (
     CHALLENGE_PERIOD,
     ETHER,
@@ -12,6 +14,8 @@ from devnet.local import (
     local_network,
     new_key,
 )
+from protocols import roles
+from protocols.effects import Send
 
 __all__ = [
     "CHALLENGE_PERIOD",
@@ -32,13 +36,18 @@ class SimulatedCrash(Exception):
 
 
 def crash_after_next_commit(slot: Slot) -> None:
-    """Kill the node of `slot` right after its next store commit, before it performs any
-    effect of it (sends, transactions, events): the worst moment to die."""
+    """Kill the node of `slot` right after the next store commit that is followed by a
+    send, before it performs any effect of it (sends, transactions, events): the worst
+    moment to die."""
     node = slot.node
     assert node is not None
     slot.crash_expected = True
 
-    def crash(*args: object) -> None:
-        raise SimulatedCrash(f"{slot.name} killed between commit and send")
+    perform = node.engine._perform
+
+    def crash(transition: roles.NodeTransition, *args: Any) -> None:
+        if any(isinstance(effect, Send) for effect in transition.effects):
+            raise SimulatedCrash(f"{slot.name} killed between commit and send")
+        perform(transition, *args)
 
     node.engine._perform = crash  # type: ignore[method-assign]

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import trio
 
+from devnet.deploy import ETHER
 from devnet.processes import (
     CALL_GUARD,
-    ETHER,
     REPO_ROOT,
     STARTUP_GUARD,
     Deployment,

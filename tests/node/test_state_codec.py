@@ -249,8 +249,9 @@ def role_samples(signed: SignedThreadState) -> tuple[object, ...]:
     coordination = roles.Coordination(
         ops=(roles.Op(1, roles.OpKind.DEPOSIT, pending, key, 7),),
         openings=(roles.ThreadOpening(signed, roles.OpenStage.LOCK_SENDER),),
-        closings=(roles.ThreadClosing(signed, frozenset({a, b})),),
+        closings=(roles.ThreadClosing(signed, (b, a), fixed=True, waiting=True),),
         forwards=(roles.Forward(a, b, Assets(1, 2)),),
+        paying=(roles.Forward(b, a, Assets(3, 4)),),
         collateral=((a, Assets(3, 4)),),
         invalidating=frozenset({(a, 3)}),
         now=2**33,

@@ -439,11 +439,12 @@ def test_duplicate_close_request_during_settlement_is_ignored() -> None:
     mark = len(w.trace)
     w.receive(hub, a.address, request)
     closing = hub.state.coordination.closing(key)
-    assert closing is not None and closing.remaining == {a.address, b.address}
+    # One channel after the other: B's (who did not ask) first, then A's at the same state.
+    assert closing is not None and closing.order == (b.address, a.address)
     for sender in (a, b, a):
         t = w.receive(hub, sender.address, request)
         assert unchanged(t) and not sends(t)
-    assert len(w.pending(hub, a)) == len(w.pending(hub, b)) == 1
+    assert len(w.pending(hub, b)) == 1 and not w.pending(hub, a)
     w.run()
     for n in (a, b):
         assert agreed_updates(w, n, mark) == [UpdateCloseThread(final, *signed_sigs(signed))]
@@ -491,30 +492,41 @@ def force_closed_at_an_older_state(w: RoleWorld) -> tuple[ThreadKey, int]:
     return key, newest
 
 
-def test_settle_at_an_older_state_is_refused_by_the_user_holding_a_newer_one() -> None:
+def test_a_close_at_an_older_state_settles_both_channels_at_the_newest() -> None:
+    """A force-closes at a state older than one B holds: B refuses to settle at it and hands
+    the hub its newer one, and both channels settle at that (the hub's total unchanged)."""
     w = funded()
     a, b, hub = w.u["a"], w.u["b"], w.hub
-    key, newest = force_closed_at_an_older_state(w)
+    hub_before = w.agreed(a).balance_hub + w.agreed(b).balance_hub
+    _, newest = force_closed_at_an_older_state(w)
     refused = [
         e for e in hub.of(roles.EventRejected) if e.reason is RejectReason.STALE_THREAD_STATE
     ]
     assert len(refused) == 1 and refused[0].sender == b.address
-    assert w.agreed(a).thread_count == 0
-    assert w.agreed(b).thread_count == 1
-    assert latest_tx(b, key) == newest
-
-
-def test_newer_final_settles_the_channel_that_refused_the_older_one() -> None:
-    w = funded()
-    b, hub = w.u["b"], w.hub
-    key, newest = force_closed_at_an_older_state(w)
-    op = w.op(b, lambda i: roles.ActionCloseThread(i, key, force=True))
-    w.run()
-    closing = hub.state.coordination.closing(key)
-    assert closing is None or closing.final.state.tx_count == newest
-    assert b.outcome(op) == roles.EventOpDone(op, key)
-    assert w.agreed(b).thread_count == 0
+    assert w.agreed(a).thread_count == 0 and w.agreed(b).thread_count == 0
+    (closed,) = hub.of(roles.EventThreadClosed)
+    assert closed.final.state.tx_count == newest
     assert not hub.state.coordination.closings
+    assert w.agreed(a).balance_hub + w.agreed(b).balance_hub == hub_before
+
+
+def test_the_requesters_channel_waits_while_the_other_refuses() -> None:
+    """Until the other channel settles, the requester's is not touched: no state is ever
+    settled in one channel and another state in the other."""
+    w = funded()
+    a, b, hub = w.u["a"], w.u["b"], w.hub
+    key, _ = paid_thread(w)
+    w.step(a, roles.ActionPayThread(key, 10, Assets(1, 0)))
+    w.deliver(a, b)
+    w.cut(a, b)
+    w.cut(b, hub)  # B cannot answer the hub either
+    op = w.op(a, lambda i: roles.ActionCloseThread(i, key, force=True))
+    w.run()
+    assert a.outcome(op) is None  # A's close waits for B's channel
+    assert w.agreed(a).thread_count == 1
+    closing = hub.state.coordination.closing(key)
+    assert closing is not None and closing.order == (b.address, a.address)
+    assert not closing.fixed
 
 
 def close_while_opening(w: RoleWorld, receiver_locked: bool) -> tuple[int, int, ThreadKey]:
@@ -532,9 +544,11 @@ def close_while_opening(w: RoleWorld, receiver_locked: bool) -> tuple[int, int, 
         assert hub_updates(w, a, UpdateOpenThread)  # A's lock is in flight
     key = thread_key(a)
     close = w.op(a, lambda i: roles.ActionCloseThread(i, key))
-    w.deliver(a, b)
-    w.deliver(b, a)
-    assert w.deliver(a, hub) == w.deliver(b, hub) == 1  # the two close requests
+    # A's channel has not locked it: A forgets the thread at once and asks the hub to
+    # settle it (at its initial state) once locked.
+    assert a.outcome(close) == roles.EventOpDone(close, key)
+    assert key not in a.state.threads
+    assert w.deliver(a, hub) == 1
     opening = hub.state.coordination.opening(key)
     assert opening is not None
     w.run()
@@ -1452,10 +1466,11 @@ def test_transition_bookkeeping_names_what_changed() -> None:
     t = next(t for t in reversed(a.transitions) if t.removed_threads)
     assert t.removed_threads == {key} and t.changed_channels == {a.address}
     assert not t.changed_threads
-    # A block moves time in every channel; a message that changes nothing names nothing.
+    # A block moves the node's clock (once, not in every channel); a message that changes
+    # nothing names nothing.
     w.block(START + 1)
     t = hub.transitions[-1]
-    assert t.changed_channels == {a.address, b.address} and t.coordination_changed
+    assert not t.changed_channels and t.coordination_changed
     t = w.receive(hub, a.address, ErrorNotice(RejectReason.POLICY, "hello"))
     assert unchanged(t)
     for node in (hub, a, b):
