@@ -55,7 +55,7 @@ DEPOSIT = Assets(50 * ETHER, 10**21)
 LOCK = Assets(10 * ETHER, 10**20)
 AMOUNT = Assets(1_000_000, 1)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-QUIET = {"poll_interval": 0.5}
+QUIET: dict[str, Any] = {"poll_interval": 0.5}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256, help="payments in flight")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of A and B here")
+    parser.add_argument(
+        "--relaxed", action="store_true", help="nodes with relaxed_commits (see SPEC.md)"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 10 or not 1 <= args.sequential <= 100_000:
         parser.error("--runs in 1..10, --sequential in 1..100000")
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pipelined in 1..1000000, --window in 1..1024")
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
+    if args.relaxed:
+        QUIET["relaxed_commits"] = True
     runs = []
     started = time.monotonic()
     with served_chain() as url:

@@ -181,6 +181,9 @@ class NodeSettings:
     pending_timeout: int = roles.DEFAULT_PENDING_TIMEOUT
     poll_interval: float = 0.2
     tick_interval: float = 0.5
+    # True: a commit that only records what peers already hold (a countersignature
+    # received) does not wait for the disk; see SPEC.md, "Persistence".
+    relaxed_commits: bool = False
     request_timeout: float = DEFAULT_TIMEOUT
 
 
@@ -680,6 +683,7 @@ async def _run_node(
         peers.send,
         lambda seq, effect: onchain_send.send_nowait((seq, effect)),
         on_event,
+        relaxed_commits=settings.relaxed_commits,
     )
     cursor = loaded.cursor if loaded.cursor is not None else settings.deployed_block
     watcher = ChainWatcher(manager, cursor, loaded.records)

@@ -170,6 +170,8 @@ class Engine:
         send: Callable[[Address, Message], None],
         submit_onchain: Callable[[int, ch.ContractSendAuthorizedUpdate], None],
         on_event: Callable[[object], None],
+        *,
+        relaxed_commits: bool = False,
     ) -> None:
         self.signer = signer
         self.state = loaded.state
@@ -179,6 +181,7 @@ class Engine:
         self._on_event = on_event
         self._inbox_send, self._inbox = trio.open_memory_channel[InboxItem](INBOX_SIZE)
         self._identity_written = not loaded.fresh
+        self.relaxed_commits = relaxed_commits
         self.steps = 0
         self.commits = 0
 
@@ -243,11 +246,13 @@ class Engine:
             outbox_done=frozenset(done),
         )
         if puts or batch.deletes or batch.outbox_add or batch.outbox_done:
-            # Durable (fsynced) before anything leaves the node; a commit that only records
-            # what peers already hold (e.g. a countersignature received) need not wait for
-            # the disk: after a power loss the peer's resync brings it back.
-            durable = bool(batch.outbox_add or batch.outbox_done) or any(
-                isinstance(e, Send) for e in transition.effects
+            # Durable (fsynced) before anything leaves the node. With relaxed commits, one
+            # that only records what peers already hold (e.g. a countersignature received)
+            # does not wait for the disk: after a power loss the peer's resync brings it back.
+            durable = (
+                not self.relaxed_commits
+                or bool(batch.outbox_add or batch.outbox_done)
+                or any(isinstance(e, Send) for e in transition.effects)
             )
             inbox_idle = self._inbox.statistics().current_buffer_used == 0
             if len(inputs) <= INLINE_COMMIT_MAX and inbox_idle:

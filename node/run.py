@@ -35,6 +35,8 @@ The config file is a JSON object. Relative paths are relative to the config file
                      "collateral_ceiling": [eth, token]}, each optional
                     (see `protocols.roles.NodeConfig`)                       default {}
     poll_interval   seconds between reads of the chain                      default 0.2
+    relaxed_commits true: commits that only record what peers already hold do
+                    not wait for the disk (SPEC.md, "Persistence")          default false
     request_timeout seconds a request may take before RequestTimeout        default 60
 
 Unknown keys are an error (they are most likely typos).
@@ -92,6 +94,7 @@ _OPTIONAL: Final = (
     "control_port",
     "policies",
     "poll_interval",
+    "relaxed_commits",
     "request_timeout",
 )
 _POLICIES: Final = ("max_lock", "collateral_floor", "collateral_ceiling")
@@ -186,11 +189,18 @@ def _parse(raw: dict[str, Any], base: Path) -> RunConfig:
             policies.get("collateral_ceiling"), UNLIMITED, "policies.collateral_ceiling"
         ),
         poll_interval=_seconds(raw.get("poll_interval", 0.2), "poll_interval"),
+        relaxed_commits=_flag(raw.get("relaxed_commits", False), "relaxed_commits"),
         request_timeout=_seconds(
             raw.get("request_timeout", api.DEFAULT_TIMEOUT), "request_timeout"
         ),
     )
     return RunConfig(settings, _port(raw.get("control_port", 0), "control_port"))
+
+
+def _flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false")
+    return value
 
 
 def _path(value: object, base: Path, what: str) -> Path:

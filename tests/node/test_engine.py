@@ -51,7 +51,11 @@ class Recorder:
 
 
 async def run_engine(
-    path: Path, inputs: list[roles.NodeInput], config: roles.NodeConfig = CONFIG
+    path: Path,
+    inputs: list[roles.NodeInput],
+    config: roles.NodeConfig = CONFIG,
+    *,
+    relaxed: bool = True,
 ) -> tuple[eng.Engine, Recorder, list[bool]]:
     flags: list[bool] = []  # the `durable` of each commit, in order
     async with open_store(path) as store:
@@ -65,7 +69,13 @@ async def run_engine(
         loaded = eng.load(await store.load(), config)
         recorder = Recorder(store.sync)
         engine = eng.Engine(
-            USER, loaded, store, recorder.send, recorder.submit_onchain, recorder.on_event
+            USER,
+            loaded,
+            store,
+            recorder.send,
+            recorder.submit_onchain,
+            recorder.on_event,
+            relaxed_commits=relaxed,
         )
         stepped = trio.Event()
         perform = engine._perform
@@ -103,6 +113,12 @@ async def test_sends_only_after_a_durable_commit_of_what_they_carry(tmp_path: Pa
     assert isinstance(side, ch.ChannelSide)
     assert side.outgoing is not None and side.outgoing.signature == message.signature
     assert engine.state.channels[USER.address] == side
+
+
+async def test_without_relaxed_commits_every_commit_waits_for_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite"
+    _, _, durable = await run_engine(path, [ch.ContractReceiveBlock(1_000)], relaxed=False)
+    assert durable == [True]
 
 
 async def test_inputs_queued_together_are_one_commit(tmp_path: Path) -> None:
