@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import secrets
 import selectors
 import signal
 import socket
@@ -40,8 +39,8 @@ from node.contracts import CHANNEL_MANAGER, load_artifact
 from protocols.channel import genesis_state
 from protocols.eip712 import Domain
 from protocols.onchain import GENESIS_RECORD, ChannelPhase, ChannelRecord
-from protocols.signing import Signer
-from protocols.types import Address, Assets, ChannelState
+from protocols.types import Assets, ChannelState
+from tests.node.test_chain import Key
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ETHER = 10**18
@@ -52,25 +51,6 @@ STARTUP_GUARD = 30
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Key:
-    key: bytes
-    signer: Signer
-
-    @classmethod
-    def new(cls) -> Key:
-        while True:
-            raw = secrets.token_bytes(32)
-            try:
-                return cls(raw, Signer(raw))
-            except ValueError:
-                continue
-
-    @property
-    def address(self) -> Address:
-        return self.signer.address
 
 
 @dataclass(frozen=True)

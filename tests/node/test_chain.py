@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,29 +62,10 @@ from protocols.onchain import (
 from protocols.signing import Signer
 from protocols.types import NO_ASSETS, Address, Assets, ChannelState
 from tests.node import anvil
-from tests.node.anvil import require_anvil, running_anvil
 
 ETHER = 10**18
 CHALLENGE_PERIOD = 100
 TOKENS = 10**24
-
-
-@pytest.fixture(scope="session")
-def anvil_url() -> Iterator[str]:
-    with running_anvil(require_anvil()) as url:
-        yield url
-
-
-@pytest.fixture(params=["embedded", "anvil"])
-def chain(request: pytest.FixtureRequest) -> Iterator[ChainService]:
-    if request.param == "embedded":
-        service = ChainService.embedded()
-    else:
-        service = ChainService.from_url(request.getfixturevalue("anvil_url"), poll_interval=0.01)
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 @dataclass

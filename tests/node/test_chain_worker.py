@@ -8,7 +8,7 @@ tokens: the submitter must do it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -39,28 +39,15 @@ from protocols.eip712 import Domain
 from protocols.onchain import GENESIS_RECORD, ChannelRecord, executed_record, record_hash
 from protocols.signing import Signer
 from protocols.types import Address, Assets, ChannelState
-from tests.node.anvil import require_anvil, running_anvil
-from tests.node.test_chain import CHALLENGE_PERIOD, ETHER, TOKENS, Key, World
+from tests.node.test_chain import (  # with its fixtures: one anvil per session
+    CHALLENGE_PERIOD,
+    ETHER,
+    TOKENS,
+    Key,
+    World,
+)
 
 HANG_GUARD = 60  # seconds; only against a hang, never a timing assertion
-
-
-@pytest.fixture(scope="module")
-def anvil_url() -> Iterator[str]:
-    with running_anvil(require_anvil()) as url:
-        yield url
-
-
-@pytest.fixture(params=["embedded", "anvil"])
-def chain(request: pytest.FixtureRequest) -> Iterator[ChainService]:
-    if request.param == "embedded":
-        service = ChainService.embedded()
-    else:
-        service = ChainService.from_url(request.getfixturevalue("anvil_url"), poll_interval=0.01)
-    try:
-        yield service
-    finally:
-        service.close()
 
 
 @pytest.fixture
