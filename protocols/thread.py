@@ -29,7 +29,7 @@ from protocols.messages import (
 )
 from protocols.ordering import RETRYABLE, after_refusal, next_nonce, order_refusal
 from protocols.signing import Signer, is_signed_by
-from protocols.types import Address, Assets, Signature, ThreadKey, ThreadState
+from protocols.types import NO_ASSETS, Address, Assets, Signature, ThreadKey, ThreadState
 
 DEFAULT_WINDOW = 128
 
@@ -77,6 +77,7 @@ class ThreadSide:
     floor: int  # the highest nonce the peer said it signed: my proposals go above it
     outgoing: tuple[Outgoing, ...] = ()
     queued: tuple[Queued, ...] = ()
+    queued_total: Assets = NO_ASSETS  # the sum of the queued amounts (kept with `queued`)
     in_conflict: bool = False  # I detected a conflict and stopped proposing
     holding: bool = False  # non-priority side after a conflict, until ThreadResume
     sent_close: bool = False
@@ -108,9 +109,9 @@ class ThreadSide:
         if self.latest is None:
             return Assets()
         balance = self.tip().balance_of(self.me)
-        for q in self.queued:
-            balance = balance - q.amount if balance.covers(q.amount) else Assets()
-        return balance
+        if balance.covers(self.queued_total):
+            return balance - self.queued_total
+        return Assets()
 
 
 # ---------------------------------------------------------------- inputs
@@ -305,7 +306,11 @@ def _pay(side: ThreadSide, action: ActionPay, signer: Signer) -> Transition[Thre
             RejectReason.INSUFFICIENT_BALANCE,
             f"thread balance short by {missing.eth} wei and {missing.token} token units",
         )
-    side = replace(side, queued=(*side.queued, Queued(action.payment_id, action.amount)))
+    side = replace(
+        side,
+        queued=(*side.queued, Queued(action.payment_id, action.amount)),
+        queued_total=side.queued_total + action.amount,
+    )
     return _pump(side, signer, ())
 
 
@@ -318,8 +323,10 @@ def _pump(side: ThreadSide, signer: Signer, effects: tuple[object, ...]) -> Tran
     sends: list[object] = []
     max_signed = side.max_signed
     tip = side.tip()
+    total = side.queued_total
     while queue and len(out) < side.window:
         queued = queue.pop(0)
+        total = total - queued.amount
         nonce = next_nonce(max_signed, side.floor)
         state = _pay_state(tip, side.me, queued.amount, nonce)
         signature = signer.sign_digest(thread_state_digest(side.domain, state))
@@ -327,7 +334,9 @@ def _pump(side: ThreadSide, signer: Signer, effects: tuple[object, ...]) -> Tran
         sends.append(Send(side.peer, ThreadProposal(state, tip.tx_count, signature)))
         max_signed = nonce
         tip = state
-    side = replace(side, outgoing=tuple(out), queued=tuple(queue), max_signed=max_signed)
+    side = replace(
+        side, outgoing=tuple(out), queued=tuple(queue), queued_total=total, max_signed=max_signed
+    )
     return Transition(side, (*effects, *sends))
 
 
@@ -365,7 +374,7 @@ def _close(side: ThreadSide, action: ActionCloseThread) -> Transition[ThreadSide
     failed = tuple(
         EventPaymentFailed(side.key, q.payment_id, RejectReason.THREAD_CLOSING) for q in side.queued
     )
-    side = replace(side, phase=ThreadPhase.CLOSING, queued=())
+    side = replace(side, phase=ThreadPhase.CLOSING, queued=(), queued_total=NO_ASSETS)
     if action.force:
         # Settle what is double-signed now. Proposals still in flight stay in doubt: the peer
         # may have countersigned them, and if that comes to light the final state moves up.
@@ -591,6 +600,7 @@ def _receive_reject(
         side,
         outgoing=side.outgoing[:index],
         queued=(*requeue, *side.queued),
+        queued_total=sum((q.amount for q in requeue), side.queued_total),
         floor=floor,
     )
     outcome = after_refusal(message.reason, side.in_conflict, side.has_priority)
@@ -627,7 +637,7 @@ def _receive_close_notice(side: ThreadSide, message: ThreadCloseNotice) -> Trans
             EventPaymentFailed(side.key, q.payment_id, RejectReason.THREAD_CLOSING)
             for q in side.queued
         )
-        side = replace(side, phase=ThreadPhase.CLOSING, queued=())
+        side = replace(side, phase=ThreadPhase.CLOSING, queued=(), queued_total=NO_ASSETS)
     side = replace(side, peer_closed=True)
     return _advance_close(side, effects)
 

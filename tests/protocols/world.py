@@ -640,6 +640,8 @@ class World:
                 latest = side.latest.state
                 self._check_latest_nonce(end, latest.tx_count)
                 assert latest.total() == record.initial.total()
+                assert side.queued_total == sum((q.amount for q in side.queued), Assets())
+                assert side.tip().balance_of(address).covers(side.queued_total)
                 for o in side.outgoing:
                     assert o.state.total() == record.initial.total()
                 expected = minus(
