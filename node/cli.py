@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from protocols.errors import InvalidValue
 from protocols.signing import Signer
@@ -147,6 +147,63 @@ def cmd_sim(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [list(header), *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    # Imported here: devnet.devnet imports this module, and other commands need no chain.
+    from devnet import devnet
+
+    def progress(line: str) -> None:
+        print(f"weft devnet: {line}", file=sys.stderr, flush=True)
+
+    try:
+        if args.action == "up":
+            net = devnet.up(args.dir, args.nodes, progress)
+            rows = [(n.name, n.role, n.address, n.pid, n.control_port) for n in net.nodes]
+            print(_table(("NAME", "ROLE", "ADDRESS", "PID", "CONTROL PORT"), rows))
+            print(f"chain: {net.chain_url} (pid {net.chain_pid})")
+        elif args.action == "status":
+            found = devnet.status(args.dir)
+            if found is None:
+                print(f"no devnet in {args.dir}")
+                return 0
+            net, nodes = found
+
+            def amount(value: Any) -> str:
+                return "-" if value is None else f"{value.eth}/{value.token}"
+
+            status_rows = [
+                (
+                    n.name,
+                    n.role,
+                    "up" if n.alive else "down",
+                    amount(n.user_balance),
+                    amount(n.hub_balance),
+                    "-" if n.open_threads is None else n.open_threads,
+                )
+                for n in nodes
+            ]
+            header = ("NAME", "ROLE", "ALIVE", "USER (ETH/TOKEN)", "HUB (ETH/TOKEN)", "THREADS")
+            print(_table(header, status_rows))
+            chain = "up" if devnet.process_runs(net.chain_pid, devnet.CHAIN_MARKER) else "down"
+            print(f"chain: {net.chain_url} (pid {net.chain_pid}, {chain})")
+        else:
+            stopped = devnet.down(args.dir)
+            if stopped is None:
+                print(f"nothing running in {args.dir}")
+            for s in stopped or ():
+                print(f"{s.name} (pid {s.pid}): {s.how}")
+    except devnet.DevnetError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="weft", description="Weft: peer-to-peer payment threads on Ethereum."
@@ -177,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sim.set_defaults(run=cmd_sim)
+
+    devnet = commands.add_parser("devnet", help="start, inspect or stop a local devnet")
+    actions = devnet.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = actions.add_parser("up", help="start a chain, a hub and N users in the background")
+    up.add_argument("--nodes", type=int, default=2, metavar="N", help="user nodes (default 2)")
+    for action in (
+        up,
+        actions.add_parser("status", help="show the devnet's nodes"),
+        actions.add_parser("down", help="stop the devnet's processes"),
+    ):
+        action.add_argument(
+            "--dir",
+            type=Path,
+            default=Path(".weft-devnet"),
+            metavar="DIR",
+            help="the devnet's directory (default ./.weft-devnet)",
+        )
+    devnet.set_defaults(run=cmd_devnet)
     return parser
 
 
