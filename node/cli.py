@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="the devnet's directory (default ./.weft-devnet)",
         )
     devnet.set_defaults(run=cmd_devnet)
+
+    from node.commands import add_node_commands  # node.commands imports this module
+
+    add_node_commands(commands)
     return parser
 
 
@@ -278,4 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through `node.cli`, not `__main__`: node.commands raises `node.cli.CliError`.
+    from node.cli import main as _main
+
+    sys.exit(_main())
