@@ -136,15 +136,29 @@ def cmd_address(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sim(args: argparse.Namespace) -> int:
+def _load(module: str, what: str) -> Any:
+    """Import `module` for a command; `CliError` if it is not part of this install."""
     try:
-        sim = importlib.import_module("devnet.sim")
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == "devnet.sim":
-            raise CliError("the simulation (devnet.sim) is not part of this install") from None
-        raise CliError(f"cannot load devnet.sim: {exc}") from None
-    result = sim.main(list(args.sim_args))
-    return int(result or 0)
+        if exc.name == module:
+            raise CliError(f"{what} ({module}) is not part of this install") from None
+        raise CliError(f"cannot load {module}: {exc}") from None
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    sim = _load("devnet.sim", "the simulation")
+    return int(sim.main(list(args.passed_args)) or 0)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench = _load("devnet.bench_node", "the benchmark")
+    return int(bench.main(list(args.passed_args)) or 0)
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    run = _load("node.run", "the node runner")
+    return int(run.main(["--config", str(args.config)]) or 0)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -163,11 +177,15 @@ def cmd_devnet(args: argparse.Namespace) -> int:
         print(f"weft devnet: {line}", file=sys.stderr, flush=True)
 
     try:
+        if args.action == "demo":
+            demo = _load("devnet.demo", "the demo")
+            code: int = demo.run(args.dir, nodes=args.nodes, payments=args.payments, keep=args.keep)
+            return code
         if args.action == "up":
-            net = devnet.up(args.dir, args.nodes, progress)
+            net = devnet.up(args.dir, args.nodes, progress, chain=args.chain)
             rows = [(n.name, n.role, n.address, n.pid, n.control_port) for n in net.nodes]
             print(_table(("NAME", "ROLE", "ADDRESS", "PID", "CONTROL PORT"), rows))
-            print(f"chain: {net.chain_url} (pid {net.chain_pid})")
+            print(f"chain: {devnet.describe_chain(net)}")
         elif args.action == "status":
             found = devnet.status(args.dir)
             if found is None:
@@ -191,8 +209,12 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             ]
             header = ("NAME", "ROLE", "ALIVE", "USER (ETH/TOKEN)", "HUB (ETH/TOKEN)", "THREADS")
             print(_table(header, status_rows))
-            chain = "up" if devnet.process_runs(net.chain_pid, devnet.CHAIN_MARKER) else "down"
-            print(f"chain: {net.chain_url} (pid {net.chain_pid}, {chain})")
+            print(f"chain: {devnet.describe_chain(net)}")
+            if not net.complete:
+                print(
+                    "incomplete: 'weft devnet up' did not finish; stop what it started with "
+                    f"'weft devnet down --dir {args.dir}'"
+                )
         else:
             stopped = devnet.down(args.dir)
             if stopped is None:
@@ -235,12 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(run=cmd_sim)
 
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark thread payments between node processes "
+        "(arguments go to it unchanged; 'weft bench --help' lists them)",
+        add_help=False,
+    )
+    bench.set_defaults(run=cmd_bench)
+
+    node = commands.add_parser("node", help="run a node")
+    node_actions = node.add_subparsers(dest="action", metavar="ACTION", required=True)
+    node_run = node_actions.add_parser(
+        "run", help="run a node in the foreground until SIGTERM or SIGINT"
+    )
+    node_run.add_argument(
+        "--config", type=Path, required=True, metavar="FILE", help="the node's JSON config"
+    )
+    node_run.set_defaults(run=cmd_node_run)
+
     devnet = commands.add_parser("devnet", help="start, inspect or stop a local devnet")
     actions = devnet.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start a chain, a hub and N users in the background")
     up.add_argument("--nodes", type=int, default=2, metavar="N", help="user nodes (default 2)")
+    up.add_argument(
+        "--chain",
+        default="embedded",
+        metavar="CHAIN",
+        help="'embedded' (default: py-evm served by a process of the devnet), 'anvil' "
+        "(started by the devnet; must be installed), or the JSON-RPC URL of a running "
+        "development chain with a prefunded unlocked account",
+    )
+    demo = actions.add_parser(
+        "demo",
+        help="run the demo: payments on threads between several pairs, checked on-chain "
+        "(uses the devnet running in DIR, or brings one up and stops it after)",
+    )
+    demo.add_argument(
+        "--nodes", type=int, default=4, metavar="N", help="user nodes of a new devnet (default 4)"
+    )
+    demo.add_argument(
+        "--payments", type=int, default=200, metavar="N", help="payments per thread (default 200)"
+    )
+    demo.add_argument(
+        "--keep", action="store_true", help="leave a devnet the demo brought up running"
+    )
     for action in (
         up,
+        demo,
         actions.add_parser("status", help="show the devnet's nodes"),
         actions.add_parser("down", help="stop the devnet's processes"),
     ):
@@ -264,12 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         try:
-            # Unknown arguments are allowed only for `sim`, which passes them on verbatim.
+            # Unknown arguments are allowed only for `sim` and `bench`, which pass them on verbatim.
             args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
         except SystemExit as exc:  # --help printed its text
             return exc.code if isinstance(exc.code, int) else 0
-        if args.command == "sim":
-            args.sim_args = extra
+        if args.command in ("sim", "bench"):
+            args.passed_args = extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         code: int = args.run(args)

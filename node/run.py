@@ -1,4 +1,5 @@
-"""Run one node as its own process: `python -m node.run --config FILE`.
+"""Run one node as its own process: `weft node run --config FILE` (or, the same,
+`python -m node.run --config FILE`).
 
 The node runs until SIGTERM or SIGINT, then stops cleanly and exits 0. Besides the node it
 serves the control interface (`node.control`) on 127.0.0.1. Once both are up it writes, in

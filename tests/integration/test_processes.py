@@ -351,3 +351,30 @@ def test_an_unreachable_chain_fails_startup_with_exit_2(tmp_path: Path) -> None:
     error = startup_failure(spawn_expecting_failure(config))
     assert "cannot start the node" in error and "ChainUnavailable" in error
     assert not (tmp_path / "data" / "node.json").exists()
+
+
+def test_weft_node_run_runs_a_node_until_sigterm(tmp_path: Path, chain_url: str) -> None:
+    """`weft node run --config FILE` (the installed console script) is `node.run`."""
+    dep = trio.run(deploy, chain_url, ())
+    node = NodeProcess(tmp_path, "hub", node_config(dep, "hub"), dep.keys["hub"])
+    script = Path(sys.executable).with_name("weft")
+    with node.log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [str(script), "node", "run", "--config", str(node.config_path)],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    node.process = process  # `wait_ready` and `client` watch this process
+    try:
+        info = node.wait_ready()
+        assert info.pid == process.pid
+        with node.client() as client:
+            status = client.call("status")
+        assert status["role"] == "hub"
+        assert status["address"] == dep.address("hub").checksum()
+        assert stop_process(process) == 0, node.log_tail()
+        assert not (node.data_dir / "node.json").exists()
+    finally:
+        stop_process(process)

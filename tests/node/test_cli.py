@@ -1,4 +1,5 @@
-"""The `weft` command line: version, keygen, address, sim dispatch and its error lines."""
+"""The `weft` command line: version, keygen, address, the dispatch of sim, bench, node run
+and devnet demo, and its error lines."""
 
 from __future__ import annotations
 
@@ -136,7 +137,17 @@ def test_address_of_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["bogus"], ["version", "extra"], ["address"], ["keygen", "--out"]]
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["version", "extra"],
+        ["address"],
+        ["keygen", "--out"],
+        ["node"],
+        ["node", "run"],
+        ["devnet", "up", "--bogus"],
+    ],
 )
 def test_usage_errors_are_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert_error_line(*run(capsys, *argv))
@@ -148,8 +159,11 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert "keygen" in out
 
 
-def test_sim_passes_arguments_through(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("command", "module"), [("sim", "devnet.sim"), ("bench", "devnet.bench_node")]
+)
+def test_sim_and_bench_pass_arguments_through(
+    command: str, module: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[str]] = []
 
@@ -157,19 +171,44 @@ def test_sim_passes_arguments_through(
         calls.append(args)
         return 7
 
-    fake = types.ModuleType("devnet.sim")
+    fake = types.ModuleType(module)
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "devnet.sim", fake)
-    assert main(["sim", "--users", "3", "-h", "extra"]) == 7
-    assert main(["sim"]) == 7
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert main([command, "--users", "3", "-h", "extra"]) == 7
+    assert main([command]) == 7
     assert calls == [["--users", "3", "-h", "extra"], []]
 
 
-def test_sim_missing_is_one_error_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["sim"], "devnet.sim"),
+        (["bench"], "devnet.bench_node"),
+        (["devnet", "demo"], "devnet.demo"),
+    ],
+)
+def test_a_missing_module_is_one_error_line(
+    argv: list[str],
+    module: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setitem(sys.modules, "devnet.sim", None)  # makes the import fail
-    assert_error_line(*run(capsys, "sim"), "devnet.sim")
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    assert_error_line(*run(capsys, *argv), module)
+
+
+def test_node_run_passes_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+
+    def fake_main(args: list[str]) -> int:
+        calls.append(args)
+        return 3
+
+    fake = types.ModuleType("node.run")
+    fake.main = fake_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "node.run", fake)
+    assert main(["node", "run", "--config", str(tmp_path / "c.json")]) == 3
+    assert calls == [["--config", str(tmp_path / "c.json")]]
 
 
 def test_parse_private_key_rejects_wrong_length() -> None:

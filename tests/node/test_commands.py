@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from devnet.deploy import ETHER
 from devnet.devnet import Devnet, process_runs, read_devnet
-from devnet.processes import eventually
+from devnet.processes import REPO_ROOT, eventually, stop_process
 from node.cli import main
-from node.commands import parse_thread
+from node.commands import format_thread, parse_thread
 from node.control import ControlClient, assets_json
 from protocols.types import Assets
 
@@ -60,9 +63,22 @@ def fails(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return err
 
 
+def restart_node(node_dir: Path) -> subprocess.Popen[bytes]:
+    """Start the devnet node in `node_dir` again (`config.json`, log to `node.log`)."""
+    with (node_dir / "node.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "node.run", "--config", str(node_dir / "config.json")],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+
 def test_node_commands_on_a_devnet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     directory = tmp_path / "net"
     recorded: list[tuple[int, str]] = []
+    restarted: subprocess.Popen[bytes] | None = None
     try:
         assert main(["devnet", "up", "--nodes", "2", "--dir", str(directory)]) == 0
         capsys.readouterr()
@@ -125,6 +141,46 @@ def test_node_commands_on_a_devnet(tmp_path: Path, capsys: pytest.CaptureFixture
         err = fails(capsys, "pay", "not-a-thread", "1", *at_u1)
         assert "sender:receiver:id" in err
 
+        # A thread where both lock (--peer-lock) and both pay, then closed with --force by
+        # the receiver while the sender's node is stopped. The force close does not wait
+        # for the peer (the thread is final at once); the hub settles it in the sender's
+        # channel first, so the command returns once the sender's node is back.
+        peer_lock = ("--peer-lock", "500", "5")
+        out = run(capsys, "open-thread", u1.address, "1000", "10", *peer_lock, *at_u2)
+        back = out.strip()
+        assert parse_thread(back)["sender"].lower() == u2.address.lower()
+        run(capsys, "pay", back, "100", "1", *at_u1)  # the receiver pays from its peer lock
+        run(capsys, "pay", back, "200", "3", *at_u2)
+        row = next(r for r in run(capsys, "threads", *at_u1).splitlines() if r.startswith(back))
+        assert row.split()[1:5] == ["open", "600/7", "900/8", "2"]
+        assert process_runs(u2.pid, "node.run")
+        os.kill(u2.pid, signal.SIGTERM)
+        eventually(lambda: not process_runs(u2.pid, "node.run"), "u2 stopped")
+        closed: list[int] = []
+        closing = threading.Thread(
+            target=lambda: closed.append(main(["close-thread", back, "--force", *at_u1]))
+        )
+        closing.start()
+        with ControlClient.from_data_dir(Path(u1.data_dir), timeout=CALL_GUARD) as client:
+            eventually(
+                lambda: any(
+                    t["phase"] == "final" and format_thread(t["key"]) == back
+                    for t in client.call("threads")
+                ),
+                "u1's thread final without u2",
+            )
+        assert closing.is_alive()  # the hub waits for u2 to settle its channel first
+        restarted = restart_node(Path(u1.data_dir).parents[1] / "u2")
+        closing.join(CALL_GUARD)
+        assert not closing.is_alive() and closed == [0]
+        out, err = capsys.readouterr()
+        assert err == ""
+        assert out == (
+            f"closed {back} at tx_count 2: sender 900 wei + 8 token, receiver 600 wei + 7 token\n"
+        )
+        err = fails(capsys, "pay", back, "1", *at_u1)
+        assert "ThreadClosing" in err
+
         assert main(["devnet", "down", "--dir", str(directory)]) == 0
         capsys.readouterr()
         # The data directory is still there but its node is gone.
@@ -136,3 +192,5 @@ def test_node_commands_on_a_devnet(tmp_path: Path, capsys: pytest.CaptureFixture
             main(["devnet", "down", "--dir", str(directory)])
         finally:
             kill_leftovers(recorded)
+            if restarted is not None:
+                stop_process(restarted)
