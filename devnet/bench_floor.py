@@ -16,13 +16,19 @@ verification and encoding, minus libp2p (noise, yamux), storage and the protocol
 
 After `--warmup` sequential payments (not timed):
 
-- sequential: one payment in flight; each latency from building the state to the checked
-  countersignature;
-- pipelined: up to `--window` payments in flight (latencies include the wait for the
-  window, as in the node benchmark).
+- sequential: one payment in flight, one proposal per write; each latency from building
+  the state to the checked countersignature;
+- pipelined: up to `--window` payments in flight. The payer writes all the proposals it
+  has credit for in one write, and the payee answers each batch it read in one write, so
+  part of the rate comes from this batching. A latency runs from the moment the payment is
+  started (it got its credit, i.e. entered the window, and its state is built) to its
+  checked countersignature: it includes the building of the rest of its batch and the
+  queueing behind the other payments in flight, not the wait for a credit.
 
 The payer prints its results as one JSON object (`--role payer`); `run_floor` starts both
-processes and returns that object. The keys are throwaway constants, never funded.
+processes and returns that object. The keys are throwaway constants, never funded. The
+floor's own processes import only trio and `protocols/` (`run_floor`, in the parent, uses
+`devnet.processes`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -48,8 +53,6 @@ from protocols.signing import Signer, is_signed_by
 from protocols.types import Address, Assets, ThreadState
 from protocols.wire import FrameReader, decode_thread, encode, frame
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 PAYER_KEY: Final = keccak(b"weft bench floor: payer")
 PAYEE_KEY: Final = keccak(b"weft bench floor: payee")
 DOMAIN: Final = Domain(chain_id=31337, verifying_contract=Address(b"\xc0" * 20))
@@ -61,8 +64,7 @@ AMOUNT: Final = Assets(1_000_000, 1)
 
 RECEIVE_SIZE: Final = 65_536
 DEFAULT_TIME_LIMIT: Final = 300.0
-"""Seconds each timed phase may take before the run fails."""
-STARTUP_GUARD: Final = 45.0
+"""Seconds each timed phase (and the payer's connection) may take before the run fails."""
 MAX_COUNT: Final = 1_000_000
 MAX_WINDOW: Final = 1024
 
@@ -334,7 +336,8 @@ async def pay_pipelined(
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile of an ascending sequence (0 for an empty one); the same rule
-    as the node's `bench_pay`."""
+    as the node's `bench_pay` (`node.control`, which the floor's processes do not load; a
+    test keeps the two equal). `devnet.bench_node` uses it too."""
     if not sorted_values:
         return 0.0
     rank = max(1, math.ceil(q * len(sorted_values)))
@@ -360,10 +363,11 @@ async def run_payer(
 ) -> dict[str, Any]:
     """Connect to the payee on 127.0.0.1:`port` and make the payments; the results.
 
-    Each phase must end within `time_limit` seconds (else `trio.TooSlowError`).
+    The connection and each phase must end within `time_limit` seconds (else
+    `trio.TooSlowError`).
     """
     payer = FloorPayer(Signer(PAYER_KEY), DOMAIN, initial_state())
-    with trio.fail_after(STARTUP_GUARD):
+    with trio.fail_after(time_limit):  # the payee listens already: it printed the port
         stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with stream:
         link = FrameLink(stream)
@@ -414,7 +418,7 @@ def run_floor(
     stopped (by their pids) before it returns.
     """
     # Imported here so that the floor's own processes load only trio and protocols/.
-    from devnet.processes import read_line, stop_process
+    from devnet.processes import REPO_ROOT, STARTUP_GUARD, read_line, stop_process
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     limit = str(time_limit)
@@ -444,14 +448,17 @@ def run_floor(
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
-                timeout=STARTUP_GUARD + 3 * time_limit,
+                timeout=STARTUP_GUARD + 4 * time_limit,  # the connection and three phases
             )
         except subprocess.TimeoutExpired:
             raise FloorError("the floor's payer did not finish in time") from None
         if payer.returncode != 0:
             tail = "\n".join(payer.stderr.splitlines()[-10:])
             raise FloorError(f"the floor's payer exited with {payer.returncode}:\n{tail}")
-        result: dict[str, Any] = json.loads(payer.stdout)
+        try:
+            result: dict[str, Any] = json.loads(payer.stdout)
+        except ValueError:
+            raise FloorError(f"the floor's payer printed no JSON: {payer.stdout[:200]!r}") from None
         return result
     finally:
         stop_process(payee)

@@ -13,28 +13,42 @@ thread to B. Then, in this order:
 1. Node payments, inside A's process (`bench_pay` over the control interface, so the
    control round trip is not counted), after 200 untimed ones: sequential (one payment in
    flight; each latency from `pay` to the countersignature A stored) and pipelined (up to
-   `--window` in flight; each latency from its start to its countersignature, so it
-   includes the wait for the window). The CPU time (user + system, from /proc) of the hub,
-   A and B is read around the pipelined payments: the hub takes no part in them.
+   `--window` in flight). A pipelined latency runs from the moment the payment is started
+   (it enters the window) to the moment `bench_pay`, which waits for the payments in the
+   order they were started, sees its countersignature stored: it includes the queueing
+   behind the other payments in flight, not the wait for a free place in the window. The
+   CPU time (user + system, from /proc) of the hub, A and B is read around the pipelined
+   payments: the hub takes no part in them.
 2. Hub checkpoints: the payments' thread is closed, then two pairs run at the same time,
    each `--checkpoints` cycles of open a thread, one payment, close it: A to B, and B to A.
    Every open locks the thread in both users' channels and every close settles it in both,
    each a channel update countersigned through the hub process. The rate counts opens +
    closes over the time from the first open until the hub holds no thread lock in either
    channel; the open and close latencies are those of the control calls
-   (`open_thread`, `close_thread`) as the pair saw them.
+   (`open_thread`, `close_thread`) as the pair saw them. The rate is the throughput of two
+   pairs each doing one open / pay / close cycle at a time, waiting for each step before
+   the next: it includes each cycle's one payment (direct, A and B only) and the control
+   round trips of its three calls. It is not the hub's capacity: the hub is idle part of
+   that time. `hub_cpu_s_during_checkpoints` and `hub_cpu_ms_per_checkpoint` show the load
+   the hub took.
 3. Resident memory (VmRSS now, VmHWM peak) of each node process, read after the
    checkpoints; then the network is stopped.
 4. The floor (`devnet.bench_floor`): the same payments, counts and window over raw trio
    TCP between two fresh processes on 127.0.0.1, with the node's signer, EIP-712 digests
-   and wire codec, but no libp2p, no storage and no protocol machines. The ratios node /
-   floor are taken within each run.
+   and wire codec, but no libp2p, no storage and no protocol machines. The floor batches:
+   in the pipelined phase its payer writes all the proposals it has credit for in one
+   write, and its payee answers each batch it read in one write (the node's writes gather
+   only the frames queued while a write is in flight). So part of the pipelined ratio
+   comes from this batching, not only from what the node adds. The ratios node / floor
+   are taken within each run.
 
 Every figure is the median over the runs (a ratio: the median of the per-run ratios).
-Progress goes to stderr, one line per run. `--profile DIR` runs A and B under cProfile and
-writes `a.prof` and `b.prof` of the last run there (profiling slows them down: use it to see
-where the time goes, not for the rates). Targets (issue 4): pipelined >= 2,000/s;
-sequential >= 300/s with p50 <= 3 ms; hub CPU near zero; RSS <= 150 MB.
+Progress goes to stderr, one line per run; a failed run ends the benchmark with one line
+`weft bench: error: ...` (after the tails of the node logs, if nodes were started) and exit
+code 1. `--profile DIR` runs A and B under cProfile and writes `a.prof` and `b.prof` of the
+last run there (profiling slows them down: use it to see where the time goes, not for the
+rates). Targets (issue 4): pipelined >= 2,000/s; sequential >= 300/s with p50 <= 3 ms; hub
+CPU near zero; RSS <= 150 MB.
 
 `--json` prints one JSON object. Its top-level figures (medians over the runs):
 
@@ -47,12 +61,15 @@ sequential >= 300/s with p50 <= 3 ms; hub CPU near zero; RSS <= 150 MB.
   `floor_pipelined_p99_ms`: floor latency percentiles, milliseconds
 - `sequential_ratio_to_floor`, `pipelined_ratio_to_floor`: node rate / floor rate (0..1,
   higher is closer to the floor)
-- `hub_checkpoints_per_s`: thread opens + closes per second through the hub (two pairs)
+- `hub_checkpoints_per_s`: thread opens + closes per second of the two pairs together (the
+  pairs' throughput, not the hub's capacity)
 - `checkpoint_open_p50_ms`, `checkpoint_close_p50_ms`: open / close latency, milliseconds
 - `hub_cpu_s_during_pipelined`, `payer_cpu_s_during_pipelined`,
   `payee_cpu_s_during_pipelined`: CPU seconds of each node during the pipelined payments
 - `floor_payer_cpu_s_during_pipelined`: CPU seconds of the floor's payer, the same payments
 - `hub_cpu_s_during_checkpoints`: CPU seconds of the hub during the checkpoint cycles
+- `hub_cpu_ms_per_checkpoint`: `hub_cpu_s_during_checkpoints` per open or close,
+  milliseconds (/proc counts CPU time in clock ticks, 10 ms on Linux: coarse for few cycles)
 - `rss_mb`, `peak_rss_mb`: `{"hub", "payer", "payee"}`, resident memory now / at peak, MB
 
 and `runs`, `sequential_count`, `pipelined_count`, `window`, `checkpoint_cycles` (per
@@ -65,15 +82,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Final
 
 import trio
@@ -90,6 +111,7 @@ from devnet.processes import (
     node_config,
     served_chain,
 )
+from node.chain_errors import ChainError
 from node.control import ControlClient, ControlError, assets_json
 from node.run import PROFILE_ENV
 from protocols.types import Address, Assets
@@ -107,7 +129,10 @@ CHECKPOINT_PAIRS: Final = 2
 CHECKPOINT_TIME_LIMIT = 300.0  # seconds all checkpoint cycles may take
 PAY_TIME_LIMIT = 300.0  # seconds one bench_pay may take
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-QUIET: dict[str, Any] = {"poll_interval": 0.5}
+QUIET_POLL_INTERVAL: Final = 0.5
+"""Seconds between a node's chain polls: the chain matters only to set the threads up, so
+poll it rarely, to keep the noise of three pollers off a small machine while the payments
+are measured."""
 NODES: Final = (("hub", "hub"), ("a", "payer"), ("b", "payee"))
 """Node process names and the names the report gives them."""
 
@@ -135,6 +160,7 @@ FIGURES: Final = (
     "payee_cpu_s_during_pipelined",
     "floor_payer_cpu_s_during_pipelined",
     "hub_cpu_s_during_checkpoints",
+    "hub_cpu_ms_per_checkpoint",
     "rss_mb",
     "peak_rss_mb",
 )
@@ -170,13 +196,68 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-class Network:
-    """The hub and users A and B of one run, their control clients and the deployment."""
+class BenchError(Exception):
+    """A run gave no usable figure (e.g. `bench_pay` or the floor reported no rate), or was
+    given up."""
 
-    def __init__(self, dep: Deployment, nodes: dict[str, NodeProcess]) -> None:
+
+def node_options(relaxed: bool) -> dict[str, Any]:
+    """The config entries every node of a run gets on top of `node_config`'s."""
+    options: dict[str, Any] = {"poll_interval": QUIET_POLL_INTERVAL}
+    if relaxed:
+        options["relaxed_commits"] = True
+    return options
+
+
+def rate(result: dict[str, Any], what: str) -> float:
+    """`result["payments_per_s"]` of a `bench_pay` or floor summary; `BenchError` if there
+    is none (`None` when no time elapsed) or it is not a positive finite number."""
+    value = result.get("payments_per_s")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        value = None
+    if value is None or not (math.isfinite(value) and value > 0):
+        raise BenchError(
+            f"{what}: no payment rate ({result.get('count')} payments in "
+            f"{result.get('seconds')} s, rate {result.get('payments_per_s')!r})"
+        )
+    return float(value)
+
+
+class Network:
+    """The hub and users A and B of one run, their control clients and the deployment.
+
+    A context manager: entered before the first process starts, it stops (by their pids)
+    every process started through `start`, and closes the clients, however it is left.
+    """
+
+    def __init__(self, dep: Deployment) -> None:
         self.dep = dep
-        self.nodes = nodes
-        self.clients = {name: node.client() for name, node in nodes.items()}
+        self.nodes: dict[str, NodeProcess] = {}
+        self.clients: dict[str, ControlClient] = {}
+        self._stack = ExitStack()
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stack.close()  # the clients, then the processes, the last started first
+
+    def start(self, node: NodeProcess, env: dict[str, str] | None = None) -> None:
+        """Start `node` (`env`: extra environment variables); it is stopped on exit."""
+        self.nodes[node.name] = node
+        self._stack.callback(node.stop)  # before the start: a no-op if it never started
+        node.start(env)
+
+    def connect(self) -> None:
+        """A control client for every node (all must be ready)."""
+        for name, node in self.nodes.items():
+            self.clients[name] = client = node.client()
+            self._stack.callback(client.close)
 
     def pid(self, name: str) -> int:
         process = self.nodes[name].process
@@ -194,35 +275,23 @@ class Network:
             for name in ("a", "b")
         )
 
-    def close(self) -> None:
-        for client in self.clients.values():
-            client.close()
 
-
-def start_network(root: Path, dep: Deployment, profile: Path | None) -> Network:
-    """Start the hub, A and B (A and B under cProfile if `profile`); fund the channels."""
-    nodes: dict[str, NodeProcess] = {}
-    try:
-        # The chain matters only to set the threads up: poll it rarely, to keep the noise
-        # of three pollers off a small machine while the payments are measured.
-        hub = NodeProcess(root, "hub", node_config(dep, "hub", **QUIET), dep.keys["hub"])
-        nodes["hub"] = hub
-        hub.start()
-        hub_info = hub.wait_ready()
-        for name in ("a", "b"):
-            config = node_config(
-                dep, "user", hub=hub_info.hub_entry, listen_port=free_port(), **QUIET
-            )
-            nodes[name] = NodeProcess(root, name, config, dep.keys[name])
-            env = {PROFILE_ENV: str(profile / f"{name}.prof")} if profile else None
-            nodes[name].start(env)
-        for name in ("a", "b"):
-            nodes[name].wait_ready()
-        net = Network(dep, nodes)
-    except BaseException:
-        for node in reversed(nodes.values()):
-            node.stop()
-        raise
+def start_network(net: Network, root: Path, profile: Path | None, options: dict[str, Any]) -> None:
+    """Start the hub, A and B in `net` (A and B under cProfile if `profile`), each with the
+    config entries `options`; fund the channels."""
+    dep = net.dep
+    hub = NodeProcess(root, "hub", node_config(dep, "hub", **options), dep.keys["hub"])
+    net.start(hub)
+    hub_info = hub.wait_ready()
+    for name in ("a", "b"):
+        config = node_config(
+            dep, "user", hub=hub_info.hub_entry, listen_port=free_port(), **options
+        )
+        env = {PROFILE_ENV: str(profile / f"{name}.prof")} if profile else None
+        net.start(NodeProcess(root, name, config, dep.keys[name]), env)
+    for name in ("a", "b"):
+        net.nodes[name].wait_ready()
+    net.connect()
     hub_c, a, b = net.clients["hub"], net.clients["a"], net.clients["b"]
     eventually(lambda: a.call("status")["hub_connected"], "A connected to the hub")
     eventually(lambda: b.call("status")["hub_connected"], "B connected to the hub")
@@ -231,17 +300,18 @@ def start_network(root: Path, dep: Deployment, profile: Path | None) -> Network:
     b.call("deposit", amount=assets_json(DEPOSIT))
     hub_c.call("collateralize", user=dep.address("b").checksum(), amount=assets_json(LOCK))
     hub_c.call("collateralize", user=dep.address("a").checksum(), amount=assets_json(LOCK))
-    return net
 
 
 def measure_payments(net: Network, sequential: int, pipelined: int, window: int) -> dict[str, Any]:
-    """Node payments A to B on a new thread (closed at the end): the figures of phase 1."""
+    """Node payments A to B on a new thread (closed at the end): the figures of phase 1.
+
+    Raises `BenchError` if `bench_pay` reports no rate."""
     a = net.clients["a"]
     key = a.call("open_thread", peer=net.dep.address("b").checksum(), lock=assets_json(LOCK))
     amount = assets_json(AMOUNT)
 
     def bench_pay(count: int, mode: str) -> dict[str, Any]:
-        result: dict[str, Any] = a.call(
+        result = a.call(
             "bench_pay",
             key=key,
             count=count,
@@ -250,6 +320,9 @@ def measure_payments(net: Network, sequential: int, pipelined: int, window: int)
             window=window,
             time_limit=PAY_TIME_LIMIT,
         )
+        if not isinstance(result, dict) or not isinstance(result.get("latencies_ms"), dict):
+            raise BenchError(f"node {mode} payments: bench_pay answered {result!r}")
+        rate(result, f"node {mode} payments (bench_pay)")
         return result
 
     bench_pay(WARMUP, "sequential")
@@ -273,10 +346,15 @@ def measure_payments(net: Network, sequential: int, pipelined: int, window: int)
 
 
 def checkpoint_cycles(
-    client: ControlClient, peer: Address, cycles: int, deadline: float
+    client: ControlClient,
+    peer: Address,
+    cycles: int,
+    deadline: float,
+    given_up: threading.Event | None = None,
 ) -> tuple[list[float], list[float]]:
     """`cycles` times: open a thread to `peer`, pay once, close it; (open latencies, close
-    latencies) in seconds. Raises `TimeoutError` once past `deadline` (time.monotonic)."""
+    latencies) in seconds. Raises `TimeoutError` once past `deadline` (time.monotonic),
+    `BenchError` once `given_up` is set (the other pair failed)."""
     opens: list[float] = []
     closes: list[float] = []
     lock, amount = assets_json(CHECKPOINT_LOCK), assets_json(AMOUNT)
@@ -284,6 +362,8 @@ def checkpoint_cycles(
         for i in range(cycles):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"checkpoints: {i} of {cycles} cycles done in the time limit")
+            if given_up is not None and given_up.is_set():
+                raise BenchError(f"checkpoints: given up after {i} of {cycles} cycles")
             begun = time.perf_counter()
             key = client.call("open_thread", peer=peer.checksum(), lock=lock)
             opens.append(time.perf_counter() - begun)
@@ -299,20 +379,25 @@ def measure_checkpoints(net: Network, cycles: int) -> dict[str, Any]:
     eventually(lambda: net.open_locks() == 0, "the payments' thread settled in both channels")
     deadline = time.monotonic() + CHECKPOINT_TIME_LIMIT
     pairs = (("a", "b"), ("b", "a"))
+    given_up = threading.Event()  # set when one pair fails: the other stops too
+
+    def pair(sender: str, receiver: str) -> tuple[list[float], list[float]]:
+        try:
+            return checkpoint_cycles(
+                net.nodes[sender].client(), net.dep.address(receiver), cycles, deadline, given_up
+            )
+        except BaseException:
+            given_up.set()
+            raise
+
     hub_cpu = cpu_seconds(net.pid("hub"))
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(pairs)) as pool:
-        futures = [
-            pool.submit(
-                checkpoint_cycles,
-                net.nodes[sender].client(),
-                net.dep.address(receiver),
-                cycles,
-                deadline,
-            )
-            for sender, receiver in pairs
-        ]
-        results = [future.result(timeout=CHECKPOINT_TIME_LIMIT + 60) for future in futures]
+        try:
+            futures = [pool.submit(pair, sender, receiver) for sender, receiver in pairs]
+            results = [future.result(timeout=CHECKPOINT_TIME_LIMIT + 60) for future in futures]
+        finally:
+            given_up.set()  # a no-op once both pairs are done
     while net.open_locks() > 0:  # the hub may still be settling the last closes
         if time.monotonic() > deadline:
             raise TimeoutError("checkpoints: thread locks left in the channels")
@@ -321,20 +406,23 @@ def measure_checkpoints(net: Network, cycles: int) -> dict[str, Any]:
     hub_cpu = cpu_seconds(net.pid("hub")) - hub_cpu
     opens = [t for pair_opens, _ in results for t in pair_opens]
     closes = [t for _, pair_closes in results for t in pair_closes]
+    checkpoints = len(opens) + len(closes)
     return {
-        "hub_checkpoints_per_s": (len(opens) + len(closes)) / elapsed,
+        "hub_checkpoints_per_s": checkpoints / elapsed,
         "checkpoint_open_p50_ms": 1000 * percentile(sorted(opens), 0.5),
         "checkpoint_close_p50_ms": 1000 * percentile(sorted(closes), 0.5),
         "hub_cpu_s_during_checkpoints": hub_cpu,
+        "hub_cpu_ms_per_checkpoint": 1000 * hub_cpu / checkpoints,
     }
 
 
 def measure_floor(sequential: int, pipelined: int, window: int) -> dict[str, Any]:
-    """Phase 4: the floor's figures, under the names of the report."""
+    """Phase 4: the floor's figures, under the names of the report. Raises `FloorError` if
+    the floor fails, `BenchError` if it reports no rate."""
     floor = run_floor(sequential, pipelined, window, warmup=WARMUP, time_limit=PAY_TIME_LIMIT)
     figures: dict[str, Any] = {}
     for mode in ("sequential", "pipelined"):
-        figures[f"floor_{mode}_payments_per_s"] = floor[mode]["payments_per_s"]
+        figures[f"floor_{mode}_payments_per_s"] = rate(floor[mode], f"floor {mode} payments")
         figures[f"floor_{mode}_p50_ms"] = floor[mode]["latencies_ms"]["p50"]
         figures[f"floor_{mode}_p99_ms"] = floor[mode]["latencies_ms"]["p99"]
     figures["floor_payer_cpu_s_during_pipelined"] = floor["pipelined"]["payer_cpu_s"]
@@ -348,25 +436,26 @@ def one_run(
     profile: Path | None,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """One run on a fresh network, then the floor: every figure of the report."""
+    """One run on a fresh network, then the floor: every figure of the report.
+
+    Every node process it starts is stopped before it returns or raises."""
     dep: Deployment = trio.run(deploy, url)
-    net = start_network(root, dep, profile)
-    try:
-        progress("node payments")
-        run = measure_payments(net, args.sequential, args.pipelined, args.window)
-        progress("hub checkpoints")
-        run.update(measure_checkpoints(net, args.checkpoints))
-        memory = {role: memory_mb(net.pid(name)) for name, role in NODES}
-        run["rss_mb"] = {role: mem["rss_mb"] for role, mem in memory.items()}
-        run["peak_rss_mb"] = {role: mem["peak_mb"] for role, mem in memory.items()}
-    except BaseException:
-        for name, node in net.nodes.items():
-            progress(f"log of {name}:\n{node.log_tail(10)}")
-        raise
-    finally:
-        net.close()
-        for node in reversed(net.nodes.values()):
-            node.stop()
+    with Network(dep) as net:
+        try:
+            start_network(net, root, profile, node_options(args.relaxed))
+            progress("node payments")
+            run = measure_payments(net, args.sequential, args.pipelined, args.window)
+            progress("hub checkpoints")
+            run.update(measure_checkpoints(net, args.checkpoints))
+            memory = {role: memory_mb(net.pid(name)) for name, role in NODES}
+            run["rss_mb"] = {role: mem["rss_mb"] for role, mem in memory.items()}
+            run["peak_rss_mb"] = {role: mem["peak_mb"] for role, mem in memory.items()}
+        except BaseException:
+            for name, node in net.nodes.items():
+                progress(f"log of {name} (last lines):")
+                for line in node.log_tail(10).splitlines():
+                    print(f"    {line}", file=sys.stderr)
+            raise
     progress("floor")
     run.update(measure_floor(args.sequential, args.pipelined, args.window))
     for mode in ("sequential", "pipelined"):
@@ -487,6 +576,7 @@ def print_report(result: dict[str, Any], profile: Path | None) -> None:
         f"({r['checkpoint_pairs']} pairs x {r['checkpoint_cycles']} cycles), open p50 "
         f"{r['checkpoint_open_p50_ms']:.1f} ms, close p50 {r['checkpoint_close_p50_ms']:.1f} ms,"
         f" hub CPU {r['hub_cpu_s_during_checkpoints']:.2f} s"
+        f" ({r['hub_cpu_ms_per_checkpoint']:.2f} ms per open or close)"
     )
     print(
         f"  CPU during the pipelined payments: hub {r['hub_cpu_s_during_pipelined']:.2f} s"
@@ -499,19 +589,37 @@ def print_report(result: dict[str, Any], profile: Path | None) -> None:
     print(f"  ({r['seconds']:.0f} s in all)")
 
 
+EXPECTED_FAILURES: Final = (
+    BenchError,
+    ChainError,  # deploying the contracts, funding the keys
+    ControlError,  # a node's error answer, or a broken control connection
+    FloorError,
+    ProcessError,  # a node process did not come up, or exited
+    TimeoutError,  # something never happened (`eventually`), a time limit passed
+    RuntimeError,  # the chain server did not start
+    OSError,
+)
+"""The failures `main` reports in one line (exit code 1); any other exception is a bug."""
+
+
+def error_line(exc: BaseException) -> str:
+    """`exc` in one line: its type and the first line of its message (the rest, such as a
+    node's log tail, is printed before)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark on `argv`; the exit code (2 for bad arguments, 1 if a run failed)."""
     try:
         args = parse_args(argv)
     except SystemExit as exc:  # a usage error (2) or --help (0), already printed
         return exc.code if isinstance(exc.code, int) else 0
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
-    if args.relaxed:
-        QUIET["relaxed_commits"] = True
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
         with served_chain() as url:
             for i in range(args.runs):
 
@@ -530,8 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{run['floor_pipelined_payments_per_s']:,.0f}/s), checkpoints "
                     f"{run['hub_checkpoints_per_s']:,.1f}/s"
                 )
-    except (ProcessError, ControlError, FloorError, TimeoutError, RuntimeError, OSError) as exc:
-        print(f"weft bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except EXPECTED_FAILURES as exc:
+        print(f"weft bench: error: {error_line(exc)}", file=sys.stderr)
         return 1
     result: dict[str, Any] = {
         **median_of(runs),

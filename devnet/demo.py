@@ -2,42 +2,59 @@
 
 `run(dir, nodes=4, payments=200, keep=False)` does, against the devnet in `dir`:
 
-1. Uses the devnet recorded there if all its processes run and its nodes answer; if there is
-   none, starts one with `nodes` users (`devnet.devnet.up`) and stops it at the end
-   (`down`) unless `keep`. A recorded devnet that is not fully alive is an error.
+1. Takes the demo lock of `dir` (an exclusive, non-blocking `flock` on `dir/.demo.lock`,
+   held for the whole run: a second demo on the same devnet fails at once; `up` and `down`
+   take `dir/.lock` themselves). Uses the devnet recorded there if its record is complete,
+   all its processes run and its nodes answer; if there is none, starts one with `nodes`
+   users (`devnet.devnet.up`) and stops it at the end (`down`) unless `keep`. A recorded
+   devnet that is incomplete (its `up` was interrupted, or still runs) or not fully alive
+   is an error.
 2. Every user deposits `DEPOSIT` (2 ETH and 2,000 tokens) into its channel; the hub
    collateralizes each user's channel with what the threads to that user lock; each user
    opens a thread to the next one in a ring (u1->u2, ..., uN->u1; with two users u1->u2
    and u2->u1), locking exactly what it will pay over it.
-3. Every payer makes `payments` payments on its thread, all threads at once (one OS thread
-   and control connection each), with a progress bar on stderr (a line every 10% or so
-   when stderr is not a terminal). The payments on the k-th thread are k x `PAYMENT`
-   (0.001 ETH and 1 token), k = 1..4 and round again, so that users end with different
-   balances and a payment credited to the wrong user shows.
+3. Every payer makes `payments` payments on its thread, each thread on its own OS thread
+   and control connection, with a progress bar on stderr (a line every 10% or so when
+   stderr is not a terminal). At most `MAX_PARALLEL` (12) threads pay at once: with more
+   users than that, a thread starts paying once another has finished. The payments on the
+   k-th thread are k x `PAYMENT` (0.001 ETH and 1 token), k = 1..4 and round again, so
+   that users end with different balances and a payment credited to the wrong user shows.
 4. Every payer closes its thread; once both channels settled it, every user withdraws its
-   whole channel balance to a fresh address (so gas does not blur the figures).
+   whole channel balance to a fresh address (so gas does not blur the figures). Then the
+   hub reclaims (`reclaim_collateral`) its balance in each user's channel above what it
+   had there before the demo, back to its reserve, so that demos run again and again on a
+   kept devnet do not drain the reserve. (A demo that fails or is interrupted midway
+   reclaims nothing; once the reserve cannot cover the collateral the threads need, the
+   demo says so in one line: stop the devnet and start a new one.)
 5. Compares what the chain and the nodes show with what the payments imply, using only
    differences from what it read before (so it can run again on the same devnet): each
    fresh address holds exactly the user's prior channel balance + deposit + received - sent
    (ETH and token); the ChannelManager holds what it held less the users' prior balances;
-   the hub's reserve plus its balances in the users' channels is unchanged; the hub's view
-   of each channel agrees with the user's; every thread's final state gave the receiver
-   exactly what was paid.
+   the hub's reserve plus its balances in the users' channels is unchanged, and its balance
+   in each channel is what the reclaim left; the hub's view of each channel agrees with
+   the user's; every thread's final state gave the receiver exactly what was paid.
 
 Prints (stdout) a table of the users (sent, received, withdrawn, on-chain, OK/MISMATCH)
-and the elapsed time, and returns 0; 1 if any figure differs (one line per mismatch);
-2 with one line on an expected failure (the devnet cannot start or is not fully alive, a
-node refuses or cannot be reached, a chain read fails). Progress lines go to stderr,
-prefixed `weft demo:`. Every wait is bounded. A failure or Ctrl-C stops a devnet the demo
-started, even with `keep`.
+and the elapsed time, and returns 0; 1 if any figure differs (one line per mismatch; a
+user whose figure, or one of whose threads' figures, differs is marked MISMATCH); 2 with
+one line on an expected failure (another demo runs on the devnet, the devnet cannot
+start or is incomplete or not fully alive, a node refuses or cannot be reached, a chain
+read fails); 130 on Ctrl-C or SIGTERM (while `run` runs in the main thread, SIGTERM is
+handled as Ctrl-C). Progress lines go to stderr, prefixed `weft demo:`. Every wait is
+bounded. A failure, Ctrl-C or SIGTERM stops a devnet the demo started, even with `keep`;
+while it is being stopped (a bounded wait), further Ctrl-C and SIGTERM are ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -59,7 +76,7 @@ from devnet.devnet import (
 from node.chain import ChainService
 from node.chain_errors import ChainError
 from node.cli import _table, new_private_key
-from node.control import ControlClient, ControlError, assets_json, assets_of
+from node.control import MAX_CONNECTIONS, ControlClient, ControlError, assets_json, assets_of
 from protocols.errors import InvalidValue
 from protocols.signing import Signer
 from protocols.types import NO_ASSETS, Address, Assets
@@ -92,7 +109,14 @@ CALL_TIMEOUT: Final = 120.0  # seconds a control call may take (the node's own l
 CONNECT_TIMEOUT: Final = 30.0  # seconds a user may take to (re)connect to the hub
 SETTLE_TIMEOUT: Final = 60.0  # seconds a closed thread may take to settle in both channels
 CHAIN_TIMEOUT: Final = 30.0  # seconds one chain read may take
-MAX_PARALLEL: Final = 8  # control connections the demo opens to one node at most
+RECLAIM_TIMEOUT: Final = 60.0  # seconds the hub's reclaims may take to reach its reserve
+MAX_PARALLEL: Final = MAX_CONNECTIONS - 4
+"""Jobs (payers, users) the demo runs at once, in all. Each holds one control connection to
+its node and may hold one to the hub, so the hub, which serves `MAX_CONNECTIONS`, sees at
+most this many from the demo and keeps a few for other clients. Further jobs wait for a
+running one to finish."""
+DEMO_LOCK_FILE: Final = ".demo.lock"
+EXIT_INTERRUPTED: Final = 130
 EXIT_OK: Final = 0
 EXIT_MISMATCH: Final = 1
 EXIT_FAILED: Final = 2
@@ -203,9 +227,9 @@ def find_mismatches(
 
 
 def render(outcome: Outcome, mismatches: Sequence[str]) -> str:
-    """The summary table of `outcome` (a user is OK if no mismatch line names it), the
-    mismatch lines, and the payment rate."""
-    failed = {line.split(" ", 1)[0] for line in mismatches}
+    """The summary table of `outcome` (a user is OK if no mismatch line names it, alone or
+    in a pair like `u1->u2`), the mismatch lines, and the payment rate."""
+    failed = {user for line in mismatches for user in line.split(" ", 1)[0].split("->")}
     rows = [
         (
             user.name,
@@ -273,7 +297,8 @@ class _Node:
 def _concurrently(
     jobs: Sequence[Callable[[], T]], tick: Callable[[], None] = lambda: None
 ) -> list[T]:
-    """Run `jobs` in daemon threads (at most `MAX_PARALLEL` at once); their results in order.
+    """Run `jobs` in daemon threads, at most `MAX_PARALLEL` at once (the others wait for a
+    running one to end); their results in order.
 
     Calls `tick` about ten times a second while waiting. After a job fails no other job
     starts, and the first failure is raised once the running ones have ended (each is
@@ -309,12 +334,19 @@ def _concurrently(
     return results
 
 
-def _wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
+def _wait_until(check: Callable[[], bool], timeout: float) -> bool:
+    """Whether `check()` became true within `timeout` seconds (polled)."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() >= deadline:
-            raise DemoError(f"{what} did not happen within {timeout:.0f} s")
+            return False
         time.sleep(0.05)
+    return True
+
+
+def _wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
+    if not _wait_until(check, timeout):
+        raise DemoError(f"{what} did not happen within {timeout:.0f} s")
 
 
 def _chain_balances(url: str, token: str, addresses: Mapping[str, str]) -> dict[str, Assets]:
@@ -462,9 +494,18 @@ def play(net: Devnet, payments: int, progress: Progress, stop: threading.Event) 
 
     # The hub's holdings before it collateralizes: its reserve and its channel balances.
     with _Node(hub_node) as hub:
-        hub_before = assets_of(hub.call("reserve"))
-        for node in user_nodes:
-            hub_before += assets_of(hub.call("balance", user=node.address)["hub"])
+        reserve_before = assets_of(hub.call("reserve"))
+        hub_in = {
+            node.name: assets_of(hub.call("balance", user=node.address)["hub"])
+            for node in user_nodes
+        }
+    hub_before = sum(hub_in.values(), reserve_before)
+    need = sum((hub_in[n].shortfall(received[n]) for n in names), NO_ASSETS)
+    if not reserve_before.covers(need):
+        raise DemoError(
+            f"the hub's reserve ({amount_text(reserve_before)}) cannot cover the collateral the "
+            f"threads need ({amount_text(need)}); stop the devnet and start a new one"
+        )
 
     progress.line("the hub collateralizes what the threads to each user lock")
 
@@ -544,12 +585,18 @@ def play(net: Devnet, payments: int, progress: Progress, stop: threading.Event) 
 
     left = dict(zip(names, each_user(withdraw), strict=True))
 
-    progress.line("checking the balances on the chain and at the hub")
-    after = _chain_balances(net.chain_url, net.token, {**fresh, "contract": net.manager})
+    progress.line("the hub reclaims the collateral the demo added, back to its reserve")
     with _Node(hub_node) as hub:
-        hub_after = assets_of(hub.call("reserve"))
-        for node in user_nodes:
-            hub_after += assets_of(hub.call("balance", user=node.address)["hub"])
+        left_to_hub = _reclaim(hub, user_nodes, hub_in)
+
+        progress.line("checking the balances on the chain and at the hub")
+        after = _chain_balances(net.chain_url, net.token, {**fresh, "contract": net.manager})
+        reserve_after = assets_of(hub.call("reserve"))
+        hub_now = {
+            node.name: assets_of(hub.call("balance", user=node.address)["hub"])
+            for node in user_nodes
+        }
+    hub_after = sum(hub_now.values(), reserve_after)
 
     results = []
     for name in names:
@@ -562,6 +609,8 @@ def play(net: Devnet, payments: int, progress: Progress, stop: threading.Event) 
         observed[(name, "left in the channel")] = left[name]
         expected[(name, f"on-chain at {fresh[name]}")] = fresh_before[name] + owed
         observed[(name, f"on-chain at {fresh[name]}")] = after[name]
+        expected[(name, "hub's balance after the reclaim")] = left_to_hub[name]
+        observed[(name, "hub's balance after the reclaim")] = hub_now[name]
         results.append(UserResult(name, sent[name], received[name], channels[name][0], after[name]))
     expected[("contract", "balance")] = contract_before["contract"] - sum(
         before.values(), NO_ASSETS
@@ -572,9 +621,72 @@ def play(net: Devnet, payments: int, progress: Progress, stop: threading.Event) 
     return Outcome(tuple(results), tuple(pairs), payments, paying_seconds, expected, observed)
 
 
+def _reclaim(
+    hub: _Node, user_nodes: Sequence[DevnetNode], before: Mapping[str, Assets]
+) -> dict[str, Assets]:
+    """Have the hub move its balance in each user's channel above `before` (what it had there
+    before the demo) back to its reserve, and wait (bounded) until the reserve holds it.
+    Returns what the hub should have left in each channel. A reclaim that does not happen
+    is not an error here: the figures compared afterwards show it."""
+    reserve = assets_of(hub.call("reserve"))
+    left: dict[str, Assets] = {}
+    reclaimed = NO_ASSETS
+
+    def balance(node: DevnetNode) -> dict[str, Any]:
+        found: dict[str, Any] = hub.call("balance", user=node.address)
+        return found
+
+    def withdrawn(node: DevnetNode) -> bool:
+        """Whether the hub, too, sees the user's withdrawal confirmed."""
+        return assets_of(balance(node)["pending_withdrawal_user"]).is_zero()
+
+    for node in user_nodes:
+        _wait_until(partial(withdrawn, node), SETTLE_TIMEOUT)
+        have = assets_of(balance(node)["hub"])
+        extra = before[node.name].shortfall(have)  # what it has above what it had
+        left[node.name] = have - extra
+        if not extra.is_zero():
+            hub.call("reclaim_collateral", user=node.address, amount=assets_json(extra))
+            reclaimed += extra
+    _wait_until(
+        lambda: (
+            assets_of(hub.call("reserve")) == reserve + reclaimed
+            and all(assets_of(balance(n)["hub"]) == left[n.name] for n in user_nodes)
+        ),
+        RECLAIM_TIMEOUT,
+    )
+    return left
+
+
+@contextlib.contextmanager
+def _demo_lock(directory: Path) -> Iterator[None]:
+    """Hold the demo lock of `directory` (`flock` on `directory/.demo.lock`, created with
+    the directory if need be); DemoError at once if another demo holds it. The lock goes
+    with this process (also on SIGKILL)."""
+    path = directory / DEMO_LOCK_FILE
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DemoError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DemoError(f"another weft devnet demo is running on {directory}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _devnet(directory: Path, nodes: int, progress: Progress) -> tuple[Devnet, bool]:
     """The devnet running in `directory`, or a new one; whether the demo started it."""
     net = read_devnet(directory)
+    if net is not None and not net.complete:
+        raise DemoError(
+            f"the devnet in {directory} is incomplete (its 'weft devnet up' was interrupted "
+            f"or still runs); run 'weft devnet down --dir {directory}' and try again"
+        )
     if net is None:
         if nodes < 2:
             raise DemoError(f"the demo needs at least 2 users: --nodes {nodes} is too few")
@@ -615,14 +727,38 @@ def run(
     err: TextIO | None = None,
 ) -> int:
     """Run the demo on the devnet in `directory` (see the module docstring); returns the
-    exit code: 0 all figures agree, 1 some differ, 2 an expected failure, 130 Ctrl-C.
-    Results go to `out` (default stdout), progress to `err` (default stderr)."""
+    exit code: 0 all figures agree, 1 some differ, 2 an expected failure, 130 Ctrl-C or
+    SIGTERM. Results go to `out` (default stdout), progress to `err` (default stderr)."""
     started = time.monotonic()
     out = sys.stdout if out is None else out
     progress = Progress(sys.stderr if err is None else err)
     if not 1 <= payments <= MAX_PAYMENTS:
         progress.line(f"error: --payments must be 1..{MAX_PAYMENTS} (each payer locks them all)")
         return EXIT_FAILED
+    with _sigterm_as_interrupt():
+        code = _run(directory, nodes, payments, keep, out, progress)
+    if code in (EXIT_OK, EXIT_MISMATCH):
+        print(f"elapsed: {time.monotonic() - started:.1f} s", file=out, flush=True)
+    return code
+
+
+def _run(
+    directory: Path, nodes: int, payments: int, keep: bool, out: TextIO, progress: Progress
+) -> int:
+    try:
+        with _demo_lock(directory):
+            return _run_locked(directory, nodes, payments, keep, out, progress)
+    except DemoError as exc:
+        progress.line(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        progress.line("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _run_locked(
+    directory: Path, nodes: int, payments: int, keep: bool, out: TextIO, progress: Progress
+) -> int:
     stop = threading.Event()
     ours = False
     code = EXIT_FAILED
@@ -638,20 +774,70 @@ def run(
         progress.line(f"error: a figure is out of range: {exc}")
     except KeyboardInterrupt:
         progress.line("interrupted")
-        code = 130
+        code = EXIT_INTERRUPTED
     finally:
         stop.set()
-        if ours and (code not in (EXIT_OK, EXIT_MISMATCH) or not keep):
-            progress.line(f"stopping the devnet in {directory}")
-            try:
-                down(directory)
-            except DevnetError as exc:
-                progress.line(f"error: {exc}")
-                code = EXIT_FAILED
-        elif ours:
-            progress.line(
-                f"the devnet keeps running; stop it with 'weft devnet down --dir {directory}'"
-            )
-    if code in (EXIT_OK, EXIT_MISMATCH):
-        print(f"elapsed: {time.monotonic() - started:.1f} s", file=out, flush=True)
+        with _interrupts_ignored():
+            if ours and (code not in (EXIT_OK, EXIT_MISMATCH) or not keep):
+                progress.line(f"stopping the devnet in {directory}")
+                try:
+                    down(directory)
+                except DevnetError as exc:
+                    progress.line(f"error: {exc}")
+                    code = EXIT_FAILED
+            elif ours:
+                progress.line(
+                    f"the devnet keeps running; stop it with 'weft devnet down --dir {directory}'"
+                )
     return code
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs (in the main thread; elsewhere nothing changes), the first
+    SIGTERM is handled as Ctrl-C: by the current SIGINT handler (Python's raises
+    KeyboardInterrupt; trio's, inside `trio.run`, delivers it safely), or by raising
+    KeyboardInterrupt if SIGINT has no Python handler. Later ones are ignored."""
+    if not _in_main_thread():
+        yield
+        return
+    fired = False
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM are ignored while the block runs (in the main thread): a bounded
+    cleanup is not cut short."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)

@@ -183,9 +183,15 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             return code
         if args.action == "up":
             net = devnet.up(args.dir, args.nodes, progress, chain=args.chain)
-            rows = [(n.name, n.role, n.address, n.pid, n.control_port) for n in net.nodes]
-            print(_table(("NAME", "ROLE", "ADDRESS", "PID", "CONTROL PORT"), rows))
+            rows = [
+                (n.name, n.role, n.address, n.peer_id, n.pid, n.control_port) for n in net.nodes
+            ]
+            print(_table(("NAME", "ROLE", "ADDRESS", "PEER ID", "PID", "CONTROL PORT"), rows))
             print(f"chain: {devnet.describe_chain(net)}")
+            print(f"manager contract: {net.manager}")
+            print(f"token contract: {net.token}")
+            record = args.dir.resolve() / devnet.DEVNET_FILE
+            print(f"devnet file: {record} (also each node's multiaddrs and data directory)")
         elif args.action == "status":
             found = devnet.status(args.dir)
             if found is None:
@@ -196,19 +202,36 @@ def cmd_devnet(args: argparse.Namespace) -> int:
             def amount(value: Any) -> str:
                 return "-" if value is None else f"{value.eth}/{value.token}"
 
+            def count(value: int | None) -> str:
+                return "-" if value is None else str(value)
+
             status_rows = [
                 (
                     n.name,
                     n.role,
                     "up" if n.alive else "down",
+                    count(n.channels),
                     amount(n.user_balance),
                     amount(n.hub_balance),
-                    "-" if n.open_threads is None else n.open_threads,
+                    amount(n.reserve),
+                    count(n.open_threads),
                 )
                 for n in nodes
             ]
-            header = ("NAME", "ROLE", "ALIVE", "USER (ETH/TOKEN)", "HUB (ETH/TOKEN)", "THREADS")
+            header = (
+                "NAME",
+                "ROLE",
+                "ALIVE",
+                "CHANNELS",
+                "USER (ETH/TOKEN)",
+                "HUB (ETH/TOKEN)",
+                "RESERVE (ETH/TOKEN)",
+                "THREADS",
+            )
             print(_table(header, status_rows))
+            for n in nodes:
+                if n.error is not None:
+                    print(f"{n.name}: {n.error}")
             print(f"chain: {devnet.describe_chain(net)}")
             if not net.complete:
                 print(
@@ -304,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     for action in (
         up,
         demo,
-        actions.add_parser("status", help="show the devnet's nodes"),
+        actions.add_parser(
+            "status",
+            help="show the devnet's nodes: channels, the users' channel balances, the "
+            "hub's reserve, open threads",
+        ),
         actions.add_parser("down", help="stop the devnet's processes"),
     ):
         action.add_argument(

@@ -179,6 +179,11 @@ def cmd_balance(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {} if args.user is None else {"user": args.user}
 
     def action(client: ControlClient) -> str:
+        if args.user is None:
+            status = client.call("status")
+            if status["role"] == "hub":  # no channel of its own: its reserve and channels
+                reserve = client.call("reserve")
+                return f"hub reserve {_assets(reserve)}, channels {status['channels']}"
         b = client.call("balance", **params)
         line = (
             f"user {_assets(b['user'])}, hub {_assets(b['hub'])}, open threads {b['open_threads']}"
@@ -260,6 +265,10 @@ def add_node_commands(commands: Any) -> None:
     close.add_argument("thread", metavar="THREAD", help="sender:receiver:id")
     close.add_argument("--force", action="store_true", help="close without the peer")
 
-    balance = add("balance", "show my channel's balance", cmd_balance)
+    balance = add(
+        "balance",
+        "show my channel's balance (a hub: its reserve, or --user's channel)",
+        cmd_balance,
+    )
     balance.add_argument("--user", metavar="ADDRESS", help="(hub) the user whose channel")
     add("threads", "list my threads", cmd_threads)

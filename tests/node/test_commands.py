@@ -109,6 +109,13 @@ def test_node_commands_on_a_devnet(tmp_path: Path, capsys: pytest.CaptureFixture
 
         out = run(capsys, "balance", *at_u1)
         assert "open threads 1" in out and len(out.splitlines()) == 1
+        # The hub has no channel of its own: its reserve and how many channels it holds,
+        # or, with --user, that user's channel.
+        at_hub = ("--devnet", str(directory), "--name", "hub")
+        out = run(capsys, "balance", *at_hub)
+        assert out.startswith("hub reserve ") and out.endswith(", channels 2\n")
+        out = run(capsys, "balance", "--user", u1.address, *at_hub)
+        assert out.startswith(f"user {DEPOSIT.eth - LOCK.eth} wei + {DEPOSIT.token - LOCK.token}")
         out = run(capsys, "threads", *at_u1)
         header, row = out.splitlines()
         assert header.split()[0] == "THREAD"
@@ -158,7 +165,8 @@ def test_node_commands_on_a_devnet(tmp_path: Path, capsys: pytest.CaptureFixture
         eventually(lambda: not process_runs(u2.pid, "node.run"), "u2 stopped")
         closed: list[int] = []
         closing = threading.Thread(
-            target=lambda: closed.append(main(["close-thread", back, "--force", *at_u1]))
+            target=lambda: closed.append(main(["close-thread", back, "--force", *at_u1])),
+            daemon=True,  # a failed assertion below must not keep pytest waiting on it
         )
         closing.start()
         with ControlClient.from_data_dir(Path(u1.data_dir), timeout=CALL_GUARD) as client:
