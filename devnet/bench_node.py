@@ -67,6 +67,9 @@ CPU near zero; RSS <= 150 MB.
 - `hub_cpu_s_during_pipelined`, `payer_cpu_s_during_pipelined`,
   `payee_cpu_s_during_pipelined`: CPU seconds of each node during the pipelined payments
 - `floor_payer_cpu_s_during_pipelined`: CPU seconds of the floor's payer, the same payments
+- `disk_fsync_p50_ms`: the disk's baseline, measured after the floor in the directory that
+  held the node stores: median of 200 rounds of writing 4 KiB and fsyncing it, milliseconds
+  (a sequential node payment waits for three fsyncs; the floor for none)
 - `hub_cpu_s_during_checkpoints`: CPU seconds of the hub during the checkpoint cycles
 - `hub_cpu_ms_per_checkpoint`: `hub_cpu_s_during_checkpoints` per open or close,
   milliseconds (/proc counts CPU time in clock ticks, 10 ms on Linux: coarse for few cycles)
@@ -159,6 +162,7 @@ FIGURES: Final = (
     "payer_cpu_s_during_pipelined",
     "payee_cpu_s_during_pipelined",
     "floor_payer_cpu_s_during_pipelined",
+    "disk_fsync_p50_ms",
     "hub_cpu_s_during_checkpoints",
     "hub_cpu_ms_per_checkpoint",
     "rss_mb",
@@ -429,6 +433,28 @@ def measure_floor(sequential: int, pipelined: int, window: int) -> dict[str, Any
     return figures
 
 
+FSYNC_SAMPLES: Final = 200
+FSYNC_BLOCK: Final = b"\0" * 4096
+
+
+def measure_fsync(directory: Path) -> float:
+    """The disk's baseline in the same run: median ms of `FSYNC_SAMPLES` rounds of writing
+    4 KiB and fsyncing it, in a file in `directory` (where the node stores were)."""
+    path = directory / "fsync-probe"
+    samples = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(FSYNC_SAMPLES):
+            start = time.perf_counter()
+            os.write(fd, FSYNC_BLOCK)
+            os.fsync(fd)
+            samples.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return 1000 * statistics.median(samples)
+
+
 def one_run(
     root: Path,
     url: str,
@@ -458,6 +484,7 @@ def one_run(
             raise
     progress("floor")
     run.update(measure_floor(args.sequential, args.pipelined, args.window))
+    run["disk_fsync_p50_ms"] = measure_fsync(root)
     for mode in ("sequential", "pipelined"):
         run[f"{mode}_ratio_to_floor"] = (
             run[f"{mode}_payments_per_s"] / run[f"floor_{mode}_payments_per_s"]
@@ -583,6 +610,10 @@ def print_report(result: dict[str, Any], profile: Path | None) -> None:
         f" (target near zero), payer {r['payer_cpu_s_during_pipelined']:.2f} s,"
         f" payee {r['payee_cpu_s_during_pipelined']:.2f} s;"
         f" floor payer {r['floor_payer_cpu_s_during_pipelined']:.2f} s"
+    )
+    print(
+        f"  disk: write 4 KiB + fsync p50 {r['disk_fsync_p50_ms']:.2f} ms"
+        " (a sequential node payment waits for three)"
     )
     for role, rss in r["rss_mb"].items():
         print(f"  {role:<5} RSS {rss:.0f} MB, peak {r['peak_rss_mb'][role]:.0f} MB (target <= 150)")

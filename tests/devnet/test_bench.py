@@ -501,3 +501,8 @@ def test_checkpoint_cycles_stop_once_the_other_pair_failed() -> None:
     with pytest.raises(bench_node.BenchError, match="given up after 0 of 5 cycles"):
         bench_node.checkpoint_cycles(client, peer, 5, deadline, given_up)  # type: ignore[arg-type]
     assert client.calls == 2 * 3
+
+
+def test_the_fsync_baseline_is_measured_in_the_directory_and_cleaned_up(tmp_path: Path) -> None:
+    assert 0 < bench_node.measure_fsync(tmp_path) < 10_000
+    assert list(tmp_path.iterdir()) == []
