@@ -141,7 +141,7 @@ _UNPACK_LIMITS: Final[dict[str, Any]] = {
 # ---------------------------------------------------------------- errors
 
 
-class _FieldError(DecodeError):
+class FieldError(DecodeError):
     """A `DecodeError` located at a path of field names inside a message."""
 
     def __init__(self, path: tuple[str, ...], problem: str) -> None:
@@ -151,13 +151,13 @@ class _FieldError(DecodeError):
         self.problem = problem
 
 
-def _at(name: str, exc: DecodeError) -> _FieldError:
-    if isinstance(exc, _FieldError):
-        return _FieldError((name, *exc.path), exc.problem)
-    return _FieldError((name,), str(exc))
+def _at(name: str, exc: DecodeError) -> FieldError:
+    if isinstance(exc, FieldError):
+        return FieldError((name, *exc.path), exc.problem)
+    return FieldError((name,), str(exc))
 
 
-def _describe(x: object) -> str:
+def describe_value(x: object) -> str:
     """The msgpack type of a decoded object, for error messages."""
     if type(x) is bytes:
         return f"bin of {len(x)} bytes"
@@ -186,7 +186,7 @@ def _wrong_type(what: str, v: object) -> LocalProtocolError:
 
 
 @dataclass(frozen=True, slots=True)
-class _Kind:
+class FieldKind:
     """How one kind of value is encoded and decoded, and its largest encoding in bytes."""
 
     encode: Callable[[Any], object]
@@ -224,13 +224,13 @@ def _decode_uint256(x: object) -> int:
         if v <= _UINT64_MAX:
             raise DecodeError("uint256 below 2**64 must be a msgpack int, not bin")
         return v
-    raise DecodeError(f"uint256 expected (int, or bin of 32 bytes), got {_describe(x)}")
+    raise DecodeError(f"uint256 expected (int, or bin of 32 bytes), got {describe_value(x)}")
 
 
-_UINT256: Final = _Kind(_encode_uint256, _decode_uint256, 2 + 32)
+UINT256_FIELD: Final = FieldKind(_encode_uint256, _decode_uint256, 2 + 32)
 
 
-def _enum(enum: type[Enum], codes: Mapping[Any, int]) -> _Kind:
+def _enum(enum: type[Enum], codes: Mapping[Any, int]) -> FieldKind:
     members = {code: member for member, code in codes.items()}
     what = enum.__name__
 
@@ -241,13 +241,13 @@ def _enum(enum: type[Enum], codes: Mapping[Any, int]) -> _Kind:
 
     def decode(x: object) -> Any:
         if type(x) is not int:
-            raise DecodeError(f"{what} code (int) expected, got {_describe(x)}")
+            raise DecodeError(f"{what} code (int) expected, got {describe_value(x)}")
         member = members.get(x)
         if member is None:
             raise DecodeError(f"unknown {what} code {x}")
         return member
 
-    return _Kind(encode, decode, max(len(msgpack.packb(c)) for c in codes.values()))
+    return FieldKind(encode, decode, max(len(msgpack.packb(c)) for c in codes.values()))
 
 
 _PARTY: Final = _enum(Party, PARTY_CODES)
@@ -262,11 +262,11 @@ def _encode_address(v: object) -> object:
 
 def _decode_address(x: object) -> Address:
     if type(x) is not bytes or len(x) != 20:
-        raise DecodeError(f"address (bin of 20 bytes) expected, got {_describe(x)}")
+        raise DecodeError(f"address (bin of 20 bytes) expected, got {describe_value(x)}")
     return Address(x)
 
 
-_ADDRESS: Final = _Kind(_encode_address, _decode_address, 2 + 20)
+ADDRESS_FIELD: Final = FieldKind(_encode_address, _decode_address, 2 + 20)
 
 
 def _encode_signature(v: object) -> object:
@@ -277,14 +277,14 @@ def _encode_signature(v: object) -> object:
 
 def _decode_signature(x: object) -> Signature:
     if type(x) is not bytes or len(x) != 65:
-        raise DecodeError(f"signature (bin of 65 bytes) expected, got {_describe(x)}")
+        raise DecodeError(f"signature (bin of 65 bytes) expected, got {describe_value(x)}")
     try:
         return Signature(x)
     except InvalidValue as exc:
         raise DecodeError(str(exc)) from None
 
 
-_SIGNATURE: Final = _Kind(_encode_signature, _decode_signature, 2 + 65)
+SIGNATURE_FIELD: Final = FieldKind(_encode_signature, _decode_signature, 2 + 65)
 
 
 def _encode_bytes32(v: object) -> object:
@@ -295,14 +295,14 @@ def _encode_bytes32(v: object) -> object:
 
 def _decode_bytes32(x: object) -> bytes:
     if type(x) is not bytes or len(x) != 32:
-        raise DecodeError(f"bin of 32 bytes expected, got {_describe(x)}")
+        raise DecodeError(f"bin of 32 bytes expected, got {describe_value(x)}")
     return x
 
 
-_BYTES32: Final = _Kind(_encode_bytes32, _decode_bytes32, 2 + 32)
+_BYTES32: Final = FieldKind(_encode_bytes32, _decode_bytes32, 2 + 32)
 
 
-def _text(max_bytes: int) -> _Kind:
+def _text(max_bytes: int) -> FieldKind:
     def encode(v: object) -> object:
         if type(v) is not str:
             raise _wrong_type("str", v)
@@ -316,15 +316,15 @@ def _text(max_bytes: int) -> _Kind:
 
     def decode(x: object) -> str:
         if type(x) is not str:
-            raise DecodeError(f"str expected, got {_describe(x)}")
+            raise DecodeError(f"str expected, got {describe_value(x)}")
         if len(x) * 4 > max_bytes and len(x.encode("utf-8")) > max_bytes:
             raise DecodeError(f"str exceeds {max_bytes} UTF-8 bytes")
         return x
 
-    return _Kind(encode, decode, _str_header(max_bytes) + max_bytes)
+    return FieldKind(encode, decode, _str_header(max_bytes) + max_bytes)
 
 
-def _blob(max_bytes: int) -> _Kind:
+def _blob(max_bytes: int) -> FieldKind:
     def encode(v: object) -> object:
         if type(v) is not bytes:
             raise _wrong_type("bytes", v)
@@ -334,15 +334,15 @@ def _blob(max_bytes: int) -> _Kind:
 
     def decode(x: object) -> bytes:
         if type(x) is not bytes:
-            raise DecodeError(f"bin expected, got {_describe(x)}")
+            raise DecodeError(f"bin expected, got {describe_value(x)}")
         if len(x) > max_bytes:
             raise DecodeError(f"bin of {len(x)} bytes exceeds {max_bytes}")
         return x
 
-    return _Kind(encode, decode, _bin_header(max_bytes) + max_bytes)
+    return FieldKind(encode, decode, _bin_header(max_bytes) + max_bytes)
 
 
-def _tuple_of(item: _Kind, max_items: int) -> _Kind:
+def tuple_of(item: FieldKind, max_items: int) -> FieldKind:
     item_encode = item.encode
     item_decode = item.decode
 
@@ -355,7 +355,7 @@ def _tuple_of(item: _Kind, max_items: int) -> _Kind:
 
     def decode(x: object) -> tuple[Any, ...]:
         if type(x) is not list:
-            raise DecodeError(f"array expected, got {_describe(x)}")
+            raise DecodeError(f"array expected, got {describe_value(x)}")
         if len(x) > max_items:
             raise DecodeError(f"array of {len(x)} items exceeds {max_items}")
         try:
@@ -368,15 +368,15 @@ def _tuple_of(item: _Kind, max_items: int) -> _Kind:
                     raise _at(f"[{i}]", exc) from None
             raise
 
-    return _Kind(encode, decode, _array_header(max_items) + max_items * item.max_size)
+    return FieldKind(encode, decode, _array_header(max_items) + max_items * item.max_size)
 
 
-class _Struct:
+class RecordStruct:
     """A dataclass encoded as the array of its fields in declared order."""
 
     __slots__ = ("_decoders", "_encoders", "_get", "cls", "fields", "kind", "max_fields_size")
 
-    def __init__(self, cls: type, fields: Sequence[tuple[str, _Kind]]) -> None:
+    def __init__(self, cls: type, fields: Sequence[tuple[str, FieldKind]]) -> None:
         self.cls = cls
         self.fields = tuple(fields)
         names = [name for name, _ in fields]
@@ -388,7 +388,7 @@ class _Struct:
         else:
             self._get = attrgetter(*names)
         self.max_fields_size = sum(kind.max_size for _, kind in fields)
-        self.kind = _Kind(
+        self.kind = FieldKind(
             self._encode, self._decode, _array_header(len(fields)) + self.max_fields_size
         )
 
@@ -429,11 +429,11 @@ class _Struct:
 
     def _decode(self, x: object) -> Any:
         if type(x) is not list:
-            raise DecodeError(f"{self.cls.__name__} (array) expected, got {_describe(x)}")
+            raise DecodeError(f"{self.cls.__name__} (array) expected, got {describe_value(x)}")
         return self.decode_fields(x)
 
 
-_ASSETS_STRUCT: Final = _Struct(Assets, [("eth", _UINT256), ("token", _UINT256)])
+_ASSETS_STRUCT: Final = RecordStruct(Assets, [("eth", UINT256_FIELD), ("token", UINT256_FIELD)])
 
 
 def _encode_assets(v: object) -> object:
@@ -453,43 +453,44 @@ def _decode_assets(x: object) -> Assets:
     return result
 
 
-_ASSETS: Final = _Kind(_encode_assets, _decode_assets, _ASSETS_STRUCT.kind.max_size)
+_ASSETS: Final = FieldKind(_encode_assets, _decode_assets, _ASSETS_STRUCT.kind.max_size)
 
-_CHANNEL_STATE_STRUCT: Final = _Struct(
+_CHANNEL_STATE_STRUCT: Final = RecordStruct(
     ChannelState,
     [
-        ("user", _ADDRESS),
-        ("recipient", _ADDRESS),
+        ("user", ADDRESS_FIELD),
+        ("recipient", ADDRESS_FIELD),
         ("balance_hub", _ASSETS),
         ("balance_user", _ASSETS),
         ("pending_deposit_hub", _ASSETS),
         ("pending_deposit_user", _ASSETS),
         ("pending_withdrawal_hub", _ASSETS),
         ("pending_withdrawal_user", _ASSETS),
-        ("tx_count_global", _UINT256),
-        ("tx_count_onchain", _UINT256),
+        ("tx_count_global", UINT256_FIELD),
+        ("tx_count_onchain", UINT256_FIELD),
         ("thread_root", _BYTES32),
-        ("thread_count", _UINT256),
-        ("timeout", _UINT256),
+        ("thread_count", UINT256_FIELD),
+        ("timeout", UINT256_FIELD),
     ],
 )
-_CHANNEL_STATE: Final = _CHANNEL_STATE_STRUCT.kind
+CHANNEL_STATE_FIELD: Final = _CHANNEL_STATE_STRUCT.kind
 
-_THREAD_STATE_STRUCT: Final = _Struct(
+_THREAD_STATE_STRUCT: Final = RecordStruct(
     ThreadState,
     [
-        ("thread_id", _UINT256),
-        ("sender", _ADDRESS),
-        ("receiver", _ADDRESS),
+        ("thread_id", UINT256_FIELD),
+        ("sender", ADDRESS_FIELD),
+        ("receiver", ADDRESS_FIELD),
         ("balance_sender", _ASSETS),
         ("balance_receiver", _ASSETS),
-        ("tx_count", _UINT256),
+        ("tx_count", UINT256_FIELD),
     ],
 )
 _THREAD_STATE: Final = _THREAD_STATE_STRUCT.kind
 
-_THREAD_KEY_STRUCT: Final = _Struct(
-    ThreadKey, [("sender", _ADDRESS), ("receiver", _ADDRESS), ("thread_id", _UINT256)]
+_THREAD_KEY_STRUCT: Final = RecordStruct(
+    ThreadKey,
+    [("sender", ADDRESS_FIELD), ("receiver", ADDRESS_FIELD), ("thread_id", UINT256_FIELD)],
 )
 
 
@@ -507,13 +508,15 @@ def _decode_thread_key(x: object) -> ThreadKey:
     return key
 
 
-_THREAD_KEY: Final = _Kind(_encode_thread_key, _decode_thread_key, _THREAD_KEY_STRUCT.kind.max_size)
-
-_SIGNED_THREAD_STATE_STRUCT: Final = _Struct(
-    SignedThreadState,
-    [("state", _THREAD_STATE), ("sig_sender", _SIGNATURE), ("sig_receiver", _SIGNATURE)],
+_THREAD_KEY: Final = FieldKind(
+    _encode_thread_key, _decode_thread_key, _THREAD_KEY_STRUCT.kind.max_size
 )
-_SIGNED_THREAD_STATE: Final = _SIGNED_THREAD_STATE_STRUCT.kind
+
+_SIGNED_THREAD_STATE_STRUCT: Final = RecordStruct(
+    SignedThreadState,
+    [("state", _THREAD_STATE), ("sig_sender", SIGNATURE_FIELD), ("sig_receiver", SIGNATURE_FIELD)],
+)
+SIGNED_THREAD_STATE_FIELD: Final = _SIGNED_THREAD_STATE_STRUCT.kind
 
 _NESTED_STRUCTS: Final = (
     _ASSETS_STRUCT,
@@ -523,30 +526,40 @@ _NESTED_STRUCTS: Final = (
     _SIGNED_THREAD_STATE_STRUCT,
 )
 
-_UPDATE_STRUCTS: Final[Mapping[type, _Struct]] = {
+_UPDATE_STRUCTS: Final[Mapping[type, RecordStruct]] = {
     s.cls: s
     for s in (
-        _Struct(UpdatePayment, [("payer", _PARTY), ("amount", _ASSETS), ("forward_to", _ADDRESS)]),
-        _Struct(
+        RecordStruct(
+            UpdatePayment, [("payer", _PARTY), ("amount", _ASSETS), ("forward_to", ADDRESS_FIELD)]
+        ),
+        RecordStruct(
             UpdatePending,
             [
                 ("deposit_hub", _ASSETS),
                 ("deposit_user", _ASSETS),
                 ("withdrawal_hub", _ASSETS),
                 ("withdrawal_user", _ASSETS),
-                ("recipient", _ADDRESS),
-                ("timeout", _UINT256),
+                ("recipient", ADDRESS_FIELD),
+                ("timeout", UINT256_FIELD),
             ],
         ),
-        _Struct(UpdateConfirmPending, [("tx_count_onchain", _UINT256)]),
-        _Struct(UpdateInvalidatePending, [("tx_count_onchain", _UINT256)]),
-        _Struct(
+        RecordStruct(UpdateConfirmPending, [("tx_count_onchain", UINT256_FIELD)]),
+        RecordStruct(UpdateInvalidatePending, [("tx_count_onchain", UINT256_FIELD)]),
+        RecordStruct(
             UpdateOpenThread,
-            [("initial", _THREAD_STATE), ("sig_sender", _SIGNATURE), ("sig_receiver", _SIGNATURE)],
+            [
+                ("initial", _THREAD_STATE),
+                ("sig_sender", SIGNATURE_FIELD),
+                ("sig_receiver", SIGNATURE_FIELD),
+            ],
         ),
-        _Struct(
+        RecordStruct(
             UpdateCloseThread,
-            [("final", _THREAD_STATE), ("sig_sender", _SIGNATURE), ("sig_receiver", _SIGNATURE)],
+            [
+                ("final", _THREAD_STATE),
+                ("sig_sender", SIGNATURE_FIELD),
+                ("sig_receiver", SIGNATURE_FIELD),
+            ],
         ),
     )
 }
@@ -562,10 +575,10 @@ def _encode_update(v: object) -> object:
 
 def _decode_update(x: object) -> Any:
     if type(x) is not list or not x:
-        raise DecodeError(f"ChannelUpdate (non-empty array) expected, got {_describe(x)}")
+        raise DecodeError(f"ChannelUpdate (non-empty array) expected, got {describe_value(x)}")
     code = x[0]
     if type(code) is not int:
-        raise DecodeError(f"ChannelUpdate code (int) expected, got {_describe(code)}")
+        raise DecodeError(f"ChannelUpdate code (int) expected, got {describe_value(code)}")
     struct = _UPDATE_BY_CODE.get(code)
     if struct is None:
         raise DecodeError(f"unknown ChannelUpdate code {code}")
@@ -575,7 +588,7 @@ def _decode_update(x: object) -> Any:
         raise _at(struct.cls.__name__, exc) from None
 
 
-_CHANNEL_UPDATE: Final = _Kind(
+_CHANNEL_UPDATE: Final = FieldKind(
     _encode_update,
     _decode_update,
     max(_array_header(1 + len(s.fields)) + 1 + s.max_fields_size for s in _UPDATE_STRUCTS.values()),
@@ -583,48 +596,52 @@ _CHANNEL_UPDATE: Final = _Kind(
 
 _DETAIL: Final = _text(MAX_DETAIL_BYTES)
 
-_MESSAGE_STRUCTS: Final[Mapping[type, _Struct]] = {
+_MESSAGE_STRUCTS: Final[Mapping[type, RecordStruct]] = {
     s.cls: s
     for s in (
-        _Struct(ErrorNotice, [("reason", _REJECT_REASON), ("detail", _DETAIL)]),
-        _Struct(
+        RecordStruct(ErrorNotice, [("reason", _REJECT_REASON), ("detail", _DETAIL)]),
+        RecordStruct(
             ChannelProposal,
             [
                 ("update", _CHANNEL_UPDATE),
-                ("state", _CHANNEL_STATE),
-                ("prev_tx_count", _UINT256),
-                ("signature", _SIGNATURE),
+                ("state", CHANNEL_STATE_FIELD),
+                ("prev_tx_count", UINT256_FIELD),
+                ("signature", SIGNATURE_FIELD),
             ],
         ),
-        _Struct(
+        RecordStruct(
             ChannelCountersign,
-            [("user", _ADDRESS), ("tx_count_global", _UINT256), ("signature", _SIGNATURE)],
+            [
+                ("user", ADDRESS_FIELD),
+                ("tx_count_global", UINT256_FIELD),
+                ("signature", SIGNATURE_FIELD),
+            ],
         ),
-        _Struct(
+        RecordStruct(
             ChannelReject,
             [
-                ("user", _ADDRESS),
-                ("tx_count_global", _UINT256),
+                ("user", ADDRESS_FIELD),
+                ("tx_count_global", UINT256_FIELD),
                 ("reason", _REJECT_REASON),
-                ("max_signed", _UINT256),
+                ("max_signed", UINT256_FIELD),
                 ("detail", _DETAIL),
             ],
         ),
-        _Struct(ChannelResume, [("user", _ADDRESS), ("after", _UINT256)]),
-        _Struct(
+        RecordStruct(ChannelResume, [("user", ADDRESS_FIELD), ("after", UINT256_FIELD)]),
+        RecordStruct(
             ChannelSync,
             [
-                ("state", _CHANNEL_STATE),
-                ("sig_hub", _SIGNATURE),
-                ("sig_user", _SIGNATURE),
-                ("threads", _tuple_of(_SIGNED_THREAD_STATE, MAX_SYNC_THREADS)),
+                ("state", CHANNEL_STATE_FIELD),
+                ("sig_hub", SIGNATURE_FIELD),
+                ("sig_user", SIGNATURE_FIELD),
+                ("threads", tuple_of(SIGNED_THREAD_STATE_FIELD, MAX_SYNC_THREADS)),
             ],
         ),
-        _Struct(ThreadOpenRequest, [("initial", _SIGNED_THREAD_STATE)]),
-        _Struct(ThreadCloseRequest, [("final", _SIGNED_THREAD_STATE)]),
-        _Struct(CollateralRequest, [("amount", _ASSETS)]),
-        _Struct(CollateralNeeded, [("user", _ADDRESS), ("missing", _ASSETS)]),
-        _Struct(
+        RecordStruct(ThreadOpenRequest, [("initial", SIGNED_THREAD_STATE_FIELD)]),
+        RecordStruct(ThreadCloseRequest, [("final", SIGNED_THREAD_STATE_FIELD)]),
+        RecordStruct(CollateralRequest, [("amount", _ASSETS)]),
+        RecordStruct(CollateralNeeded, [("user", ADDRESS_FIELD), ("missing", _ASSETS)]),
+        RecordStruct(
             ThreadOpenRefused,
             [
                 ("key", _THREAD_KEY),
@@ -633,37 +650,43 @@ _MESSAGE_STRUCTS: Final[Mapping[type, _Struct]] = {
                 ("detail", _DETAIL),
             ],
         ),
-        _Struct(PeerLookup, [("address", _ADDRESS)]),
-        _Struct(
+        RecordStruct(PeerLookup, [("address", ADDRESS_FIELD)]),
+        RecordStruct(
             PeerInfo,
             [
-                ("address", _ADDRESS),
+                ("address", ADDRESS_FIELD),
                 ("peer_id", _blob(MAX_PEER_ID_BYTES)),
-                ("multiaddrs", _tuple_of(_text(MAX_MULTIADDR_BYTES), MAX_MULTIADDRS)),
+                ("multiaddrs", tuple_of(_text(MAX_MULTIADDR_BYTES), MAX_MULTIADDRS)),
             ],
         ),
-        _Struct(ThreadOpenProposal, [("initial", _THREAD_STATE), ("signature", _SIGNATURE)]),
-        _Struct(
+        RecordStruct(
+            ThreadOpenProposal, [("initial", _THREAD_STATE), ("signature", SIGNATURE_FIELD)]
+        ),
+        RecordStruct(
             ThreadProposal,
-            [("state", _THREAD_STATE), ("prev_tx_count", _UINT256), ("signature", _SIGNATURE)],
+            [
+                ("state", _THREAD_STATE),
+                ("prev_tx_count", UINT256_FIELD),
+                ("signature", SIGNATURE_FIELD),
+            ],
         ),
-        _Struct(
+        RecordStruct(
             ThreadCountersign,
-            [("key", _THREAD_KEY), ("tx_count", _UINT256), ("signature", _SIGNATURE)],
+            [("key", _THREAD_KEY), ("tx_count", UINT256_FIELD), ("signature", SIGNATURE_FIELD)],
         ),
-        _Struct(
+        RecordStruct(
             ThreadReject,
             [
                 ("key", _THREAD_KEY),
-                ("tx_count", _UINT256),
+                ("tx_count", UINT256_FIELD),
                 ("reason", _REJECT_REASON),
-                ("max_signed", _UINT256),
+                ("max_signed", UINT256_FIELD),
                 ("detail", _DETAIL),
             ],
         ),
-        _Struct(ThreadResume, [("key", _THREAD_KEY), ("after", _UINT256)]),
-        _Struct(ThreadCloseNotice, [("key", _THREAD_KEY), ("tx_count", _UINT256)]),
-        _Struct(ThreadSync, [("latest", _SIGNED_THREAD_STATE)]),
+        RecordStruct(ThreadResume, [("key", _THREAD_KEY), ("after", UINT256_FIELD)]),
+        RecordStruct(ThreadCloseNotice, [("key", _THREAD_KEY), ("tx_count", UINT256_FIELD)]),
+        RecordStruct(ThreadSync, [("latest", SIGNED_THREAD_STATE_FIELD)]),
     )
 }
 
@@ -714,7 +737,7 @@ def decode_thread(data: bytes) -> ThreadMessage:
     return cast(ThreadMessage, _decode(data, _THREAD_BY_CODE, "/weft/thread/1"))
 
 
-def _decode(data: bytes, allowed: Mapping[int, _Struct], protocol: str) -> Any:
+def _decode(data: bytes, allowed: Mapping[int, RecordStruct], protocol: str) -> Any:
     size = len(data)
     if size > MAX_FRAME:
         raise DecodeError(f"message of {size} bytes exceeds MAX_FRAME ({MAX_FRAME})")
@@ -750,7 +773,7 @@ def _decode(data: bytes, allowed: Mapping[int, _Struct], protocol: str) -> Any:
         raise DecodeError(f"{name}: invalid msgpack: {exc}") from None
     try:
         message = struct.kind.decode(body)
-    except _FieldError as exc:
+    except FieldError as exc:
         raise DecodeError(f"{name}.{exc}") from None
     except DecodeError as exc:
         raise DecodeError(f"{name}: {exc}") from None

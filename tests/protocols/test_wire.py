@@ -256,16 +256,16 @@ def test_every_channel_update_round_trips(cls: type, data: st.DataObject) -> Non
 
 
 NESTED_KINDS = [
-    ("uint256", wire._UINT256, uint256s()),
-    ("address", wire._ADDRESS, addresses()),
-    ("signature", wire._SIGNATURE, signatures()),
+    ("uint256", wire.UINT256_FIELD, uint256s()),
+    ("address", wire.ADDRESS_FIELD, addresses()),
+    ("signature", wire.SIGNATURE_FIELD, signatures()),
     ("assets", wire._ASSETS, assets()),
     ("party", wire._PARTY, parties()),
     ("reject_reason", wire._REJECT_REASON, reject_reasons()),
-    ("channel_state", wire._CHANNEL_STATE, channel_states()),
+    ("channel_state", wire.CHANNEL_STATE_FIELD, channel_states()),
     ("thread_state", wire._THREAD_STATE, thread_states()),
     ("thread_key", wire._THREAD_KEY, thread_keys()),
-    ("signed_thread_state", wire._SIGNED_THREAD_STATE, signed_thread_states()),
+    ("signed_thread_state", wire.SIGNED_THREAD_STATE_FIELD, signed_thread_states()),
     ("channel_update", wire._CHANNEL_UPDATE, channel_updates()),
 ]
 
@@ -316,11 +316,11 @@ def test_vectors(message: Message, hex_bytes: str) -> None:
 
 
 def test_uint256_rule() -> None:
-    assert wire._UINT256.encode(0) == 0
-    assert wire._UINT256.encode(2**64 - 1) == 2**64 - 1
-    assert wire._UINT256.encode(2**64) == (2**64).to_bytes(32, "big")
-    assert wire._UINT256.encode(UINT256_MAX) == b"\xff" * 32
-    assert wire._UINT256.decode(b"\xff" * 32) == UINT256_MAX
+    assert wire.UINT256_FIELD.encode(0) == 0
+    assert wire.UINT256_FIELD.encode(2**64 - 1) == 2**64 - 1
+    assert wire.UINT256_FIELD.encode(2**64) == (2**64).to_bytes(32, "big")
+    assert wire.UINT256_FIELD.encode(UINT256_MAX) == b"\xff" * 32
+    assert wire.UINT256_FIELD.decode(b"\xff" * 32) == UINT256_MAX
 
 
 # ---------------------------------------------------------------- maximal messages
