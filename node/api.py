@@ -8,7 +8,9 @@
         await node.withdraw(node.balance().user)
 
 `open_node` starts the libp2p host, the peer manager, the chain watcher and submitter and the
-engine in one nursery; leaving the block stops them all. Every request waits until it is
+engine in one nursery, and (unless `NodeSettings.backups` is off) gossip backups
+(`node.backup`, as `Node.backups`); leaving the block stops them all, after a last backup
+announcement on a clean stop. Every request waits until it is
 done (double-signed, or executed on-chain where that is its point) and raises a `WeftError`
 subclass when it cannot be: `InsufficientBalance`, `InsufficientCollateral` (with the amount
 missing), `UnknownPeer`, `PeerOffline`, `HubOffline`, `ThreadClosing`, `RequestRefused`,
@@ -22,13 +24,21 @@ import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from node import engine as eng
+from node.backup import DEFAULT_INTERVAL as DEFAULT_BACKUP_INTERVAL
+from node.backup import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_OWNERS,
+    BackupService,
+    BackupSettings,
+    open_backups,
+)
 from node.chain import ChainService, ManagerClient
 from node.chain_errors import ChainError
 from node.chain_worker import (
@@ -185,6 +195,14 @@ class NodeSettings:
     # received) does not wait for the disk; see SPEC.md, "Persistence".
     relaxed_commits: bool = False
     request_timeout: float = DEFAULT_TIMEOUT
+    # Gossip backups (node.backup): announce my latest states at most every
+    # `backup_interval` seconds (at once after a thread closes or a pending deposit or
+    # withdrawal); keep the backups of at most `replica_max_owners` others, in at most
+    # `replica_max_bytes` bytes. `backups=False`: neither (no gossip at all).
+    backups: bool = True
+    backup_interval: float = DEFAULT_BACKUP_INTERVAL
+    replica_max_owners: int = DEFAULT_MAX_OWNERS
+    replica_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +304,8 @@ class Node:
         self._subscribers: list[trio.MemorySendChannel[object]] = []
         self._finals: dict[ThreadKey, SignedThreadState] = {}  # closed, for close_thread
         self._running = True
+        self.backups: BackupService | None = None
+        """Gossip backups (None with `settings.backups` off)."""
 
     # -- what the node is
 
@@ -586,6 +606,17 @@ class Node:
         await self.engine.submit(roles.ActionReclaimCollateral(user, amount))
 
 
+def _backup_settings(settings: NodeSettings) -> BackupSettings:
+    try:
+        return BackupSettings(
+            interval=settings.backup_interval,
+            max_owners=settings.replica_max_owners,
+            max_bytes=settings.replica_max_bytes,
+        )
+    except ValueError as exc:
+        raise WeftError(f"backup settings: {exc}") from None
+
+
 def _highest_id(state: roles.NodeState) -> int:
     """The highest request or payment id in `state` (0 if none)."""
     ids = [op.op_id for op in state.coordination.ops]
@@ -758,19 +789,39 @@ async def _run_node(
         onchain_send.send_nowait((seq, effect))
 
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            await nursery.start(peers.run)
-            await nursery.start(watcher.run, deliver_chain, settings.poll_interval)
-            nursery.start_soon(perform_onchain)
-            nursery.start_soon(tick)
-            if settings.role is Party.USER:
-                nursery.start_soon(keep_thread_peers)
-            try:
-                yield node
-            finally:
-                node._running = False
-                nursery.cancel_scope.cancel()
+        async with AsyncExitStack() as stack:
+            if settings.backups:
+                # Gossip rides on the host's connections (to the hub, to thread peers),
+                # taken in whenever they come up: opened before any is dialed.
+                backups = await stack.enter_async_context(
+                    open_backups(
+                        host,
+                        settings.private_key,
+                        loaded.state.config.domain,
+                        settings.data_dir,
+                        lambda: engine.state,
+                        _backup_settings(settings),
+                    )
+                )
+                node.backups = backups
+                engine.on_commit = backups.notify
+            async with trio.open_nursery() as nursery:
+                await nursery.start(engine.run)
+                await nursery.start(peers.run)
+                await nursery.start(watcher.run, deliver_chain, settings.poll_interval)
+                nursery.start_soon(perform_onchain)
+                nursery.start_soon(tick)
+                if settings.role is Party.USER:
+                    nursery.start_soon(keep_thread_peers)
+                try:
+                    yield node
+                finally:
+                    node._running = False
+                    # A clean stop (not a task of the node failing): a last backup while
+                    # the engine and the peer streams still run. Shielded and bounded.
+                    if node.backups is not None and not nursery.cancel_scope.cancel_called:
+                        await node.backups.final()
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # Give the caller its own exception back rather than a group of one.
         if len(group.exceptions) == 1:

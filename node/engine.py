@@ -182,6 +182,9 @@ class Engine:
         self._inbox_send, self._inbox = trio.open_memory_channel[InboxItem](INBOX_SIZE)
         self._identity_written = not loaded.fresh
         self.relaxed_commits = relaxed_commits
+        # Called with every transition once it is committed and its effects performed (the
+        # backup agent's hook: it must be quick and must not raise).
+        self.on_commit: Callable[[roles.NodeTransition], None] | None = None
         self.steps = 0
         self.commits = 0
 
@@ -266,6 +269,11 @@ class Engine:
         self.state = new
         self.steps += len(inputs)
         self._perform(transition, seqs, progress)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(transition)
+            except Exception:
+                log.exception("the commit hook failed")
 
     def _commit(self, batch: Batch, durable: bool) -> tuple[int, ...]:
         """Commit `batch` in this thread. Under light load (a lone input, nothing queued)

@@ -39,6 +39,13 @@ The config file is a JSON object. Relative paths are relative to the config file
     relaxed_commits true: commits that only record what peers already hold do
                     not wait for the disk (SPEC.md, "Persistence")          default false
     request_timeout seconds a request may take before RequestTimeout        default 60
+    backups         true: announce my backups on gossip and keep others'
+                    (node.backup); false: no gossip at all                  default true
+    backup_interval seconds between two backup announcements at most (one
+                    is made at once after a thread closes or a pending
+                    deposit or withdrawal is signed)                        default 2
+    replica_max_owners  how many other nodes' backups to keep at most      default 64
+    replica_max_bytes   bytes those backups may take at most      default 67108864 (64 MiB)
 
 Unknown keys are an error (they are most likely typos).
 """
@@ -63,6 +70,7 @@ import trio
 
 from node import api
 from node.api import NodeSettings, PeerRef, open_node
+from node.backup import DEFAULT_INTERVAL, DEFAULT_MAX_BYTES, DEFAULT_MAX_OWNERS
 from node.cli import parse_private_key
 from node.control import (
     NODE_FILE,
@@ -97,6 +105,10 @@ _OPTIONAL: Final = (
     "poll_interval",
     "relaxed_commits",
     "request_timeout",
+    "backups",
+    "backup_interval",
+    "replica_max_owners",
+    "replica_max_bytes",
 )
 _POLICIES: Final = ("max_lock", "collateral_floor", "collateral_ceiling")
 
@@ -193,6 +205,14 @@ def _parse(raw: dict[str, Any], base: Path) -> RunConfig:
         relaxed_commits=_flag(raw.get("relaxed_commits", False), "relaxed_commits"),
         request_timeout=_seconds(
             raw.get("request_timeout", api.DEFAULT_TIMEOUT), "request_timeout"
+        ),
+        backups=_flag(raw.get("backups", True), "backups"),
+        backup_interval=_seconds(raw.get("backup_interval", DEFAULT_INTERVAL), "backup_interval"),
+        replica_max_owners=_count(
+            raw.get("replica_max_owners", DEFAULT_MAX_OWNERS), "replica_max_owners"
+        ),
+        replica_max_bytes=_count(
+            raw.get("replica_max_bytes", DEFAULT_MAX_BYTES), "replica_max_bytes"
         ),
     )
     return RunConfig(settings, _port(raw.get("control_port", 0), "control_port"))
@@ -315,23 +335,34 @@ async def run_node(config: RunConfig, stop_requested: Callable[[], bool] = lambd
 
     Returns after a clean stop. Raises `StartupError` if the node cannot start; whatever
     goes wrong after that propagates. Must run in the main thread (signals).
+
+    A signal once the node is up stops it cleanly (its last backup announced, see
+    `node.backup`); a signal during startup, or a second one, cancels at once.
     """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         if stop_requested():
             return
+        up = trio.Event()
+        stop = trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
-                    log.info("%s received: stopping", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if up.is_set() and not stop.is_set():
+                        log.info("%s received: stopping", name)
+                        stop.set()
+                        continue
+                    log.info("%s received: stopping now", name)
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
-            await _serve(config)
+            await _serve(config, up, stop)
+            nursery.cancel_scope.cancel()
 
 
-async def _serve(config: RunConfig) -> None:
+async def _serve(config: RunConfig, up: trio.Event, stop: trio.Event) -> None:
     settings = config.settings
     data_dir = settings.data_dir
     try:
@@ -357,10 +388,12 @@ async def _serve(config: RunConfig) -> None:
                 " ".join(info.multiaddrs),
                 control_port,
             )
+            up.set()
             try:
-                await trio.sleep_forever()
+                await stop.wait()
             finally:
                 (data_dir / NODE_FILE).unlink(missing_ok=True)
+                nursery.cancel_scope.cancel()  # the control interface; the node stops next
     except Exception as exc:
         if started:
             raise

@@ -111,6 +111,9 @@ class ChannelSide:
     # Keys of threads this channel has closed: a thread key is used once (SPEC, Channel
     # updates), because the contract cannot tell two threads with one initial state apart.
     closed_threads: frozenset[ThreadKey] = frozenset()
+    # Restored from a backup that may be older than what I signed: propose nothing until the
+    # peer shows its latest state (a sync, a proposal built on my latest, the hub's resume).
+    awaiting_sync: bool = False
 
     @property
     def me(self) -> Address:
@@ -146,6 +149,46 @@ def new_channel(
         floor=0,
         max_threads=max_threads,
         pending_window=pending_window,
+    )
+
+
+def restored_channel(
+    domain: Domain,
+    role: Party,
+    hub: Address,
+    user: Address,
+    latest: SignedChannelState,
+    threads: tuple[SignedThreadState, ...],
+    nonce_gap: int,
+    max_threads: int = DEFAULT_MAX_THREADS,
+    pending_window: int = DEFAULT_PENDING_WINDOW,
+) -> ChannelSide:
+    """A channel rebuilt from a backup at `latest` with the open `threads`, awaiting sync.
+
+    I may have signed up to `nonce_gap` nonces above `latest` that the backup does not show,
+    so `max_signed` counts them as signed. `onchain_executed` is what `latest` proves: all
+    but its pending update, if it has one (the chain tells the rest). The caller checked
+    the signatures and that `threads` match the state's root and count.
+    """
+    if hub == user:
+        raise LocalProtocolError("the hub has no channel with itself")
+    if latest.state.user != user:
+        raise LocalProtocolError("the state is of another channel")
+    state = latest.state
+    executed = state.tx_count_onchain - 1 if state.has_pending() else state.tx_count_onchain
+    return ChannelSide(
+        domain=domain,
+        role=role,
+        hub=hub,
+        user=user,
+        latest=latest,
+        threads=tuple(sorted(threads, key=lambda t: t.state.key)),
+        max_signed=state.tx_count_global + nonce_gap,
+        floor=0,
+        onchain_executed=max(0, executed),
+        max_threads=max_threads,
+        pending_window=pending_window,
+        awaiting_sync=True,
     )
 
 
@@ -463,7 +506,13 @@ def step(
 
 
 def _propose(side: ChannelSide, update: ChannelUpdate, signer: Signer) -> Transition[ChannelSide]:
-    if side.outgoing is None and not side.queued and not side.holding and not side.in_conflict:
+    if (
+        side.outgoing is None
+        and not side.queued
+        and not side.holding
+        and not side.in_conflict
+        and not side.awaiting_sync
+    ):
         try:
             apply_update(side, side.role, update, side.max_signed + 1)
         except Refusal as refusal:
@@ -476,7 +525,13 @@ def _pump(
 ) -> Transition[ChannelSide]:
     """Propose the next queued update if nothing is in flight and the conflict rule allows."""
     produced: list[object] = []
-    while side.outgoing is None and side.queued and not side.holding and not side.in_conflict:
+    while (
+        side.outgoing is None
+        and side.queued
+        and not side.holding
+        and not side.in_conflict
+        and not side.awaiting_sync
+    ):
         update, rest = side.queued[0], side.queued[1:]
         nonce = next_nonce(side.max_signed, side.floor)
         try:
@@ -601,6 +656,9 @@ def _receive_proposal(
     effects.extend(_submit_effects(side, signed))
     effects.append(EventChannelUpdated(update, signed, side.role.other))
     side = replace(_with_threads(side, threads), latest=signed, max_signed=nonce)
+    if side.awaiting_sync:
+        # It built on my latest, so the peer holds nothing newer: what waited may go now.
+        return _pump(replace(side, awaiting_sync=False), signer, tuple(effects))
     return Transition(side, tuple(effects))
 
 
@@ -665,7 +723,13 @@ def _receive_resume(
         return rejected(side, RejectReason.UNKNOWN_CHANNEL, "not this channel")
     if side.role is Party.HUB:
         return rejected(side, RejectReason.POLICY, "only the hub hands the turn back")
-    side = replace(side, holding=False, in_conflict=False, floor=max(side.floor, message.after))
+    side = replace(
+        side,
+        holding=False,
+        in_conflict=False,
+        awaiting_sync=False,
+        floor=max(side.floor, message.after),
+    )
     return _pump(side, signer, ())
 
 
@@ -675,6 +739,9 @@ def _sync_effects(side: ChannelSide) -> tuple[object, ...]:
     if latest.sig_hub is not None and latest.sig_user is not None:
         sync = ChannelSync(latest.state, latest.sig_hub, latest.sig_user, side.threads)
         effects.append(Send(side.peer, sync))
+    elif side.role is Party.HUB:
+        # Nothing double-signed: say so, so that a user restored from a backup stops waiting.
+        effects.append(Send(side.peer, ChannelResume(side.user, side.max_signed)))
     if side.outgoing is not None:
         o = side.outgoing
         proposal = ChannelProposal(o.update, o.state, o.prev_tx_count, o.signature)
@@ -719,6 +786,8 @@ def _receive_sync(
         return rejected(side, refusal.reason, refusal.detail)
     state = message.state
     if state.tx_count_global <= side.latest.state.tx_count_global:
+        if side.awaiting_sync:  # the peer holds nothing newer: what waited may go now
+            return _pump(replace(side, awaiting_sync=False), signer, ())
         return Transition(side)  # not newer: the peer adopts mine from my own sync
     signed = SignedChannelState(state, message.sig_hub, message.sig_user)
     threads = tuple(sorted(message.threads, key=lambda t: t.state.key))
@@ -737,5 +806,6 @@ def _receive_sync(
         latest=signed,
         outgoing=outgoing,
         max_signed=max(side.max_signed, state.tx_count_global),
+        awaiting_sync=False,
     )
     return _pump(side, signer, tuple(effects))

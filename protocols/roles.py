@@ -75,6 +75,9 @@ DEFAULT_PENDING_TIMEOUT = 900  # seconds from `now` a pending update stays execu
 DEFAULT_MAX_CHANNELS = 10_000
 UNLIMITED = Assets(2**255, 2**255)  # a policy bound that never binds
 MAX_UNLOCKED_THREADS_PER_PEER = 16  # agreed threads a peer may leave unlocked with me
+# Nonces (and thread ids) a node restored from a backup counts as possibly used above what the
+# backup shows: the backup may be older than the last state it signed (SPEC, Recovery).
+RECOVERY_NONCE_GAP = 2**32
 
 
 # ---------------------------------------------------------------- configuration and state
@@ -178,6 +181,9 @@ class Coordination:
     # again at the next tick.
     confirm_retry: frozenset[tuple[Address, int]] = frozenset()
     last_thread_id: int = 0  # user: the highest thread id I used as sender
+    # Restored from a backup: a channel or thread I learn of may hold states I signed and
+    # lost, so it starts awaiting its peer's sync, its nonces above RECOVERY_NONCE_GAP.
+    recovered: bool = False
 
     def opening(self, key: ThreadKey) -> ThreadOpening | None:
         return next((o for o in self.openings if o.initial.state.key == key), None)
@@ -716,6 +722,9 @@ class _Run:
         if len(self.channels) >= self.config.max_channels or user == self.me:
             return False
         side = ch.new_channel(self.config.domain, Party.HUB, self.me, user)
+        if self.coord.recovered:
+            # I may have lost states of this channel: wait for the user's own.
+            side = replace(side, max_signed=RECOVERY_NONCE_GAP, awaiting_sync=True)
         self.put_channel(user, replace(side, now=self.now()))
         return True
 
@@ -723,6 +732,9 @@ class _Run:
         if self.is_hub:
             if peer in self.channels:
                 self.step_channel(peer, ch.ActionReconnected())
+            else:
+                # I hold nothing of its channel: say so (a restored user waits for it).
+                self.send(peer, ChannelResume(peer, 0))
             return
         if peer == self.config.hub:
             self.step_channel(self.me, ch.ActionReconnected())
@@ -782,6 +794,8 @@ class _Run:
             else:
                 self.user_update_failed(effect)
         elif isinstance(effect, ch.EventChannelSynced):
+            if not self.is_hub:
+                self.user_channel_synced()
             self.emit(effect)
 
     def on_thread_effect(self, key: ThreadKey, effect: object) -> None:
@@ -1068,6 +1082,34 @@ class _Run:
             self.emit(EventThreadClosed(final))
             self.forget_thread(key)
             self.finish_thread_ops(OpKind.CLOSE_THREAD, key)
+
+    def user_channel_synced(self) -> None:
+        """My channel adopted a newer state from the hub: only a restored user (its backup
+        older than the channel) finds threads locked or settled meanwhile. Rebuild the
+        threads I lost from their initial states (awaiting their peer's sync), and forget the
+        threads the channel settled."""
+        channel = self.my_channel()
+        locked = {t.state.key: t for t in channel.threads}
+        for key, initial in sorted(locked.items()):
+            side = self.threads.get(key)
+            if side is None:
+                rebuilt = th.restored_thread(
+                    self.config.domain,
+                    self.me,
+                    initial.state,
+                    initial,
+                    RECOVERY_NONCE_GAP,
+                    self.config.window,
+                )
+                self.put_thread(key, rebuilt)
+                # Ask the peer for its latest: it answers a sync older than its own.
+                self.work.append(_ToThread(key, th.ActionReconnected()))
+                if key.sender == self.me and key.thread_id > self.coord.last_thread_id:
+                    self.set_coord(replace(self.coord, last_thread_id=key.thread_id))
+        for key in list(self.threads):
+            if key in channel.closed_threads and key not in locked:
+                self.forget_thread(key)
+                self.finish_thread_ops(OpKind.CLOSE_THREAD, key)
 
     def user_update_failed(self, event: ch.EventUpdateFailed) -> None:
         if self.confirm_refused(self.me, event):

@@ -83,6 +83,9 @@ class ThreadSide:
     sent_close: bool = False
     peer_closed: bool = False
     window: int = DEFAULT_WINDOW
+    # Restored from a backup that may be older than what I signed: propose nothing until the
+    # peer shows its latest state (a sync, or a proposal built on my latest).
+    awaiting_sync: bool = False
 
     @property
     def key(self) -> ThreadKey:
@@ -271,6 +274,46 @@ def accept_thread(
     return Transition(side, effects)
 
 
+def restored_thread(
+    domain: Domain,
+    me: Address,
+    initial: ThreadState,
+    latest: SignedThreadState,
+    nonce_gap: int,
+    window: int = DEFAULT_WINDOW,
+) -> ThreadSide:
+    """An open thread (locked in my channel) rebuilt from a backup at its double-signed
+    `latest`, awaiting sync.
+
+    A close that had begun is forgotten: the peer's resync and a new close decide. I may
+    have signed up to `nonce_gap` nonces above `latest` that the backup does not show, so
+    `max_signed` counts them as signed. The caller checked the signatures. Raises
+    `LocalProtocolError` for an `initial` that is not initial, a `latest` of another thread
+    or total, or if I am not a party.
+    """
+    if me not in (initial.sender, initial.receiver):
+        raise LocalProtocolError("I am not a party of the thread")
+    if initial.tx_count != 0:
+        raise LocalProtocolError("an initial thread state has tx_count 0")
+    state = latest.state
+    if state.key != initial.key or state.total() != initial.total():
+        raise LocalProtocolError("the latest state is not of this thread")
+    if window < 1:
+        raise LocalProtocolError("window must be at least 1")
+    return ThreadSide(
+        domain=domain,
+        me=me,
+        initial=initial,
+        phase=ThreadPhase.OPEN,
+        latest=latest,
+        initial_signature=None,
+        max_signed=state.tx_count + nonce_gap,
+        floor=0,
+        window=window,
+        awaiting_sync=True,
+    )
+
+
 # ---------------------------------------------------------------- the step function
 
 
@@ -316,7 +359,7 @@ def _pay(side: ThreadSide, action: ActionPay, signer: Signer) -> Transition[Thre
 
 def _pump(side: ThreadSide, signer: Signer, effects: tuple[object, ...]) -> Transition[ThreadSide]:
     """Propose queued payments while the window, the phase and the conflict rule allow."""
-    if side.phase is not ThreadPhase.OPEN or side.in_conflict or side.holding:
+    if side.phase is not ThreadPhase.OPEN or side.in_conflict or side.holding or side.awaiting_sync:
         return Transition(side, effects)
     out = list(side.outgoing)
     queue = list(side.queued)
@@ -515,6 +558,9 @@ def _receive_proposal(
         Send(side.peer, ThreadCountersign(side.key, nonce, signature)),
         EventPaymentReceived(side.key, paid, nonce),
     )
+    if side.awaiting_sync:
+        # It built on my latest, so the peer holds nothing newer: what waited may go now.
+        return _pump(replace(side, awaiting_sync=False), signer, effects)
     return Transition(side, effects)
 
 
@@ -659,8 +705,21 @@ def _receive_sync(side: ThreadSide, message: ThreadSync, signer: Signer) -> Tran
     if side.phase is ThreadPhase.PROPOSED and state.tx_count == 0:
         side = replace(side, phase=ThreadPhase.AGREED, latest=theirs, initial_signature=None)
         return Transition(side, (EventThreadAgreed(theirs),))
-    if latest is None or state.tx_count <= latest.state.tx_count:
-        return Transition(side)  # not newer: my proposals were retransmitted on reconnect
+    if latest is None:
+        return Transition(side)
+    if state.tx_count < latest.state.tx_count:
+        # The peer is behind (it may have missed my own sync): answer with my latest.
+        reply: tuple[object, ...] = (Send(side.peer, ThreadSync(latest)),)
+        if not side.awaiting_sync:
+            return Transition(side, reply)
+        side = replace(side, awaiting_sync=False)
+        result = _pump(side, signer, reply)
+        return _advance_close(result.state, result.effects)
+    if state.tx_count == latest.state.tx_count:
+        if not side.awaiting_sync:
+            return Transition(side)  # not newer: my proposals were retransmitted on reconnect
+        result = _pump(replace(side, awaiting_sync=False), signer, ())
+        return _advance_close(result.state, result.effects)
     # The peer countersigned proposals of mine whose acknowledgements I never got.
     effects: list[object] = []
     remaining = []
@@ -674,9 +733,34 @@ def _receive_sync(side: ThreadSide, message: ThreadSync, signer: Signer) -> Tran
         latest=theirs,
         outgoing=tuple(remaining),
         max_signed=max(side.max_signed, state.tx_count),
+        awaiting_sync=False,
     )
-    result = _pump(side, signer, (*effects, *_final_moved(side)))
+    side, failed = _fit_queue(side)
+    result = _pump(side, signer, (*effects, *failed, *_final_moved(side)))
     return _advance_close(result.state, result.effects)
+
+
+def _fit_queue(side: ThreadSide) -> tuple[ThreadSide, tuple[object, ...]]:
+    """Fail the queued payments my balance at the tip no longer covers (in order).
+
+    Only a side restored from an older backup can find its balance lower after a sync (the
+    adopted state holds payments of mine it had forgotten); otherwise nothing changes.
+    """
+    available = side.tip().balance_of(side.me)
+    if available.covers(side.queued_total):
+        return side, ()
+    kept: list[Queued] = []
+    failed: list[object] = []
+    total = NO_ASSETS
+    for q in side.queued:
+        if available.covers(total + q.amount):
+            kept.append(q)
+            total = total + q.amount
+        else:
+            failed.append(
+                EventPaymentFailed(side.key, q.payment_id, RejectReason.INSUFFICIENT_BALANCE)
+            )
+    return replace(side, queued=tuple(kept), queued_total=total), tuple(failed)
 
 
 def _retransmit(side: ThreadSide) -> tuple[object, ...]:
