@@ -16,6 +16,10 @@ subclass when it cannot be: `InsufficientBalance`, `InsufficientCollateral` (wit
 missing), `UnknownPeer`, `PeerOffline`, `HubOffline`, `ThreadClosing`, `RequestRefused`,
 `ChainTransactionFailed`, `RequestTimeout`. `events()` yields what happens to the node
 (payments received, threads opened and closed, deposits confirmed, collateral added).
+
+A node that lost its store but kept its key recovers with `node.recover.recover_node`, or
+here with `NodeSettings.recovery` (on an empty store only): the store is rebuilt from its
+newest gossip backup before the node starts, then it resyncs with the hub and its peers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -75,6 +80,9 @@ from protocols.effects import Receive
 from protocols.messages import RejectReason, SignedThreadState
 from protocols.signing import Signer
 from protocols.types import NO_ASSETS, Address, Assets, ChannelState, Party, ThreadKey
+
+if TYPE_CHECKING:
+    from node.recover import RecoveryOptions, RecoveryReport
 
 log = logging.getLogger("weft.node")
 
@@ -203,6 +211,9 @@ class NodeSettings:
     backup_interval: float = DEFAULT_BACKUP_INTERVAL
     replica_max_owners: int = DEFAULT_MAX_OWNERS
     replica_max_bytes: int = DEFAULT_MAX_BYTES
+    # Recovery from the key alone (node.recover): on an empty store, first rebuild it from
+    # the newest backup the hub or these peers hold. None: start a new node (the default).
+    recovery: RecoveryOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +317,8 @@ class Node:
         self._running = True
         self.backups: BackupService | None = None
         """Gossip backups (None with `settings.backups` off)."""
+        self.recovery: RecoveryReport | None = None
+        """What the store was recovered from, if `open_node` recovered it."""
 
     # -- what the node is
 
@@ -629,9 +642,36 @@ def _highest_id(state: roles.NodeState) -> int:
 # ---------------------------------------------------------------- running
 
 
+async def node_config(
+    settings: NodeSettings, signer: Signer, manager: ManagerClient
+) -> roles.NodeConfig:
+    """The protocol config of the node of `settings`, with the domain and hub read from the
+    ChannelManager. Raises `WeftError` if the ChannelManager's hub is not the expected one."""
+    domain = await manager.domain()
+    hub_address = signer.address if settings.role is Party.HUB else settings.hub.address  # type: ignore[union-attr]
+    onchain_hub = await manager.hub()
+    if onchain_hub != hub_address:
+        raise WeftError(f"the ChannelManager's hub is {onchain_hub}, not {hub_address}")
+    return roles.NodeConfig(
+        domain=domain,
+        role=settings.role,
+        me=signer.address,
+        hub=hub_address,
+        max_lock=settings.max_lock,
+        collateral_floor=settings.collateral_floor,
+        collateral_ceiling=settings.collateral_ceiling,
+        pending_timeout=settings.pending_timeout,
+    )
+
+
 @asynccontextmanager
 async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
-    """Run a node until the block exits. See the module docstring."""
+    """Run a node until the block exits. See the module docstring.
+
+    With `settings.recovery` and an empty store, the store is first rebuilt from the
+    node's newest backup (`node.recover.recover_node`; its report is `Node.recovery`), and
+    raises like it (`RecoveryFailed` and subclasses) if it cannot be; a store that holds a
+    state is used as it is."""
     signer = Signer(settings.private_key)
     if (settings.role is Party.USER) != (settings.hub is not None):
         raise WeftError("a user node needs its hub's PeerRef; a hub node takes none")
@@ -643,28 +683,31 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
     )
     try:
         manager = chain.manager(settings.manager, deployed_block=settings.deployed_block)
-        domain = await manager.domain()
-        hub_address = signer.address if settings.role is Party.HUB else settings.hub.address  # type: ignore[union-attr]
-        onchain_hub = await manager.hub()
-        if onchain_hub != hub_address:
-            raise WeftError(f"the ChannelManager's hub is {onchain_hub}, not {hub_address}")
-        config = roles.NodeConfig(
-            domain=domain,
-            role=settings.role,
-            me=signer.address,
-            hub=hub_address,
-            max_lock=settings.max_lock,
-            collateral_floor=settings.collateral_floor,
-            collateral_ceiling=settings.collateral_ceiling,
-            pending_timeout=settings.pending_timeout,
-        )
+        config = await node_config(settings, signer, manager)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        recovery = None
+        if settings.recovery is not None:
+            from node.recover import recover_node, store_is_empty
+
+            if await store_is_empty(settings.data_dir):
+                options = settings.recovery
+                recovery = await recover_node(
+                    settings,
+                    options.peers,
+                    timeout=options.timeout,
+                    listen=options.listen,
+                    allow_older=options.allow_older,
+                )
+                log.info("%s", recovery.describe())
+            else:
+                log.info("the store holds a state: no recovery needed")
         async with open_store(settings.data_dir / STORE_FILE) as store:
             loaded = eng.load(await store.load(), config)
             async with (
                 open_host(settings.private_key, settings.listen_port) as host,
                 _run_node(settings, signer, manager, host, store, loaded) as node,
             ):
+                node.recovery = recovery
                 yield node
     finally:
         if own_chain:
@@ -807,8 +850,15 @@ async def _run_node(
                 engine.on_commit = backups.notify
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.run)
-                await nursery.start(peers.run)
-                await nursery.start(watcher.run, deliver_chain, settings.poll_interval)
+                if loaded.state.coordination.recovered and loaded.cursor is None:
+                    # Just recovered (node.recover): the current block and the channels'
+                    # on-chain updates go in before any peer's sync (SPEC.md, "Recovery:
+                    # restoring the machines", the runtime's part).
+                    await nursery.start(watcher.run, deliver_chain, settings.poll_interval)
+                    await nursery.start(peers.run)
+                else:
+                    await nursery.start(peers.run)
+                    await nursery.start(watcher.run, deliver_chain, settings.poll_interval)
                 nursery.start_soon(perform_onchain)
                 nursery.start_soon(tick)
                 if settings.role is Party.USER:

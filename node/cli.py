@@ -161,6 +161,62 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     return int(run.main(["--config", str(args.config)]) or 0)
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    run = _load("node.run", "the node runner")
+    recover = _load("node.recover", "recovery")
+    import trio
+
+    from node.api import WeftError
+
+    try:
+        config = run.load_config(args.config)
+    except run.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if not (args.timeout > 0):
+        raise CliError("--timeout must be a positive number of seconds")
+    settings = config.settings
+    signer = Signer(settings.private_key)
+    try:
+        peers = [recover.parse_peer_multiaddr(p) for p in args.peer]
+        if args.devnet is not None:
+            peers.extend(recover.peers_of_devnet(args.devnet, signer.address))
+    except (ValueError, WeftError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = run._lock_data_dir(settings.data_dir)
+    except run.StartupError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot use data directory {settings.data_dir}: {_reason(exc)}") from None
+    try:
+        report = trio.run(
+            lambda: recover.recover_node(
+                settings,
+                peers,
+                timeout=args.timeout,
+                allow_older=args.allow_older,
+            )
+        )
+    except WeftError as exc:
+        raise CliError(" ".join(str(exc).split())) from None
+    except Exception as exc:  # the chain or the network could not be used
+        inner = run._innermost(exc)
+        raise CliError(f"recovery failed: {run._one_line(inner)}") from None
+    finally:
+        os.close(lock)
+    print(report.describe())
+    print(f"sequence: {report.sequence}")
+    print(f"channels: {report.channels}")
+    print(f"threads: {report.threads}")
+    print(f"from peer: {report.source}")
+    print(f"next backup sequence: above {report.next_sequence}")
+    for note in report.rejected:
+        print(f"refused: {note}")
+    print(f"now run the node: weft node run --config {args.config}")
+    return 0
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [list(header), *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
@@ -297,6 +353,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, required=True, metavar="FILE", help="the node's JSON config"
     )
     node_run.set_defaults(run=cmd_node_run)
+
+    recover = commands.add_parser(
+        "recover",
+        help="rebuild a node's empty store from its newest gossip backup, with only its key; "
+        "then run it with 'weft node run --config FILE'",
+        description="Recover a node from its key alone: ask the hub and the given peers for "
+        "the newest backup of the node's address (over /weft/backup/1, and listening on the "
+        "backup topic), fetch and verify its blocks, decrypt it with the key, check every "
+        "signature and write the node's store. Refuses a store that holds a state, and "
+        "never adopts a backup older than one it has seen unless --allow-older. Then start "
+        "the node as usual ('weft node run --config FILE'): it resyncs with the hub and its "
+        "thread peers and resumes payments.",
+    )
+    recover.add_argument(
+        "--config", type=Path, required=True, metavar="FILE", help="the node's JSON config"
+    )
+    recover.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="MULTIADDR/p2p/ID",
+        help="a peer to ask besides the hub (repeatable), e.g. /ip4/127.0.0.1/tcp/4001/p2p/16U…",
+    )
+    recover.add_argument(
+        "--devnet",
+        type=Path,
+        metavar="DIR",
+        help="also ask every node of the devnet recorded in DIR",
+    )
+    recover.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up after this long (default 30)",
+    )
+    recover.add_argument(
+        "--allow-older",
+        action="store_true",
+        help="adopt an older backup when the newest seen cannot be fetched (reported)",
+    )
+    recover.set_defaults(run=cmd_recover)
 
     devnet = commands.add_parser("devnet", help="start, inspect or stop a local devnet")
     actions = devnet.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -48,6 +48,12 @@ The config file is a JSON object. Relative paths are relative to the config file
     replica_max_bytes   bytes those backups may take at most      default 67108864 (64 MiB)
 
 Unknown keys are an error (they are most likely typos).
+
+A node that lost its data directory but kept its key is recovered first with
+`weft recover --config FILE [--peer MULTIADDR/p2p/ID ...] [--devnet DIR]` (`node.recover`):
+it rebuilds the empty store from the newest backup the hub or the given peers hold and
+exits; then `weft node run --config FILE` runs it as usual (it resyncs with the hub and its
+thread peers, then pays on).
 """
 
 from __future__ import annotations
