@@ -36,14 +36,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from node import engine as eng
-from node.backup import DEFAULT_INTERVAL as DEFAULT_BACKUP_INTERVAL
 from node.backup import (
+    BACKUP_FILE,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_OWNERS,
     BackupService,
     BackupSettings,
     open_backups,
 )
+from node.backup import DEFAULT_INTERVAL as DEFAULT_BACKUP_INTERVAL
+from node.backup_store import published_sequence
 from node.chain import ChainService, ManagerClient
 from node.chain_errors import ChainError
 from node.chain_worker import (
@@ -703,6 +705,15 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
                 log.info("the store holds a state: no recovery needed")
         async with open_store(settings.data_dir / STORE_FILE) as store:
             loaded = eng.load(await store.load(), config)
+            published = published_sequence(settings.data_dir / BACKUP_FILE)
+            if loaded.fresh and published:
+                # The store was lost (or a recovery was cut before writing it): starting
+                # afresh could sign over states the node signed and backed up.
+                raise WeftError(
+                    f"the node's store in {settings.data_dir} is empty, but it published "
+                    f"backup {published}: recover it from its backups (weft recover, or "
+                    "NodeSettings.recovery) instead of starting afresh"
+                )
             async with (
                 open_host(settings.private_key, settings.listen_port) as host,
                 _run_node(settings, signer, manager, host, store, loaded) as node,

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Final, TypeVar
 
 import trio
@@ -125,6 +126,23 @@ class BackupSnapshot:
     fingerprint: bytes | None
     replicas: tuple[Replica, ...]
     tick: int
+
+
+def published_sequence(path: Path) -> int:
+    """The last own sequence recorded in the backup store at `path`, read without writing
+    (0 if there is no such file or it records none). For a node whose own store is empty:
+    a sequence above 0 means it published states it no longer holds."""
+    if not path.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT sequence FROM own").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise BackupStoreError(f"backup store {path}: unreadable: {exc}") from exc
+    return int(row[0]) if row and row[0] else 0
 
 
 class BackupStore:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
@@ -92,7 +93,7 @@ from protocols.backup import (
     rank_backups,
 )
 from protocols.errors import InvalidValue
-from protocols.recovery import RecoveryError, restore_state
+from protocols.recovery import RECOVERY_NONCE_GAP, RecoveryError, restore_state
 from protocols.signing import Signer
 from protocols.types import Address
 
@@ -215,6 +216,17 @@ class _Seen:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+GAP_MULTIPLES: Final = 2**24
+"""A recovery skips `RECOVERY_NONCE_GAP` times a random 1..2**24 nonces (SPEC.md)."""
+
+
+def recovery_gap() -> int:
+    """The nonces this recovery skips: a random multiple of `RECOVERY_NONCE_GAP`, so that
+    two recoveries from one backup (nothing newer published in between) sign at different
+    nonces except with probability 2**-24."""
+    return RECOVERY_NONCE_GAP * (1 + secrets.randbelow(GAP_MULTIPLES))
 
 
 def parse_peer_multiaddr(text: str) -> PeerRef:
@@ -419,7 +431,7 @@ async def _adopt(
                 found = await _fetch(host, blocks, announcement, source)
                 sealed = from_blocks(announcement.root_cid, found.get, announcement.size)
                 content = open_backup(key, sealed, announcement, domain)
-                state = restore_state(config, content)
+                state = restore_state(config, content, recovery_gap())
             except (BackupError, BlockError, HostError, RecoveryError, InvalidValue) as exc:
                 rejected.append(f"backup {announcement.sequence} from {where}: {exc}")
                 log.info("backup %d from %s refused: %s", announcement.sequence, where, exc)

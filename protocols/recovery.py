@@ -119,7 +119,11 @@ def backup_content(state: roles.NodeState, sequence: int) -> backup.BackupConten
 # ---------------------------------------------------------------- restore
 
 
-def restore_state(config: roles.NodeConfig, content: backup.BackupContent) -> roles.NodeState:
+def restore_state(
+    config: roles.NodeConfig,
+    content: backup.BackupContent,
+    gap: int = RECOVERY_NONCE_GAP,
+) -> roles.NodeState:
     """The state a node with an empty store rebuilds from its checked backup `content`.
 
     Every channel side stands at its backed-up latest state with the threads its root holds;
@@ -130,6 +134,11 @@ def restore_state(config: roles.NodeConfig, content: backup.BackupContent) -> ro
     empty but for `recovered` and (user) `last_thread_id`, which skips `RECOVERY_NONCE_GAP`
     ids above the highest backed-up id I sent. So the restored node signs nothing at a
     nonce or thread id it may have used, and builds on nothing older than its peers' latest.
+
+    `gap` (at least `RECOVERY_NONCE_GAP`) is that number of nonces. The node draws it at
+    random for each recovery (a multiple of `RECOVERY_NONCE_GAP`), so that two recoveries
+    from one backup, with nothing newer published in between, do not sign at the same
+    nonces.
 
     `content` must have passed `backup.check_content` for `config.me` and `config.domain`;
     signatures are not checked again. Raises `RecoveryError` if the content is not this
@@ -142,7 +151,8 @@ def restore_state(config: roles.NodeConfig, content: backup.BackupContent) -> ro
         raise RecoveryError(f"the backup is for hub {content.hub}, not {config.hub}")
     if config.role is Party.HUB and config.me != config.hub:
         raise RecoveryError("a hub node must be the contract's hub")
-    gap = RECOVERY_NONCE_GAP
+    if gap < RECOVERY_NONCE_GAP:
+        raise RecoveryError(f"a recovery gap below {RECOVERY_NONCE_GAP}")
     channels: dict[Address, ch.ChannelSide] = {}
     for signed in content.channels:
         user = signed.state.user
@@ -180,7 +190,9 @@ def restore_state(config: roles.NodeConfig, content: backup.BackupContent) -> ro
             except LocalProtocolError as exc:
                 raise RecoveryError(f"thread {key.thread_id}: {exc}") from None
         last_thread_id += gap
-    coordination = roles.Coordination(recovered=True, last_thread_id=last_thread_id)
+    coordination = roles.Coordination(
+        recovered=True, recovery_gap=gap, last_thread_id=last_thread_id
+    )
     return roles.NodeState(config, channels, threads, coordination)
 
 

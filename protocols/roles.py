@@ -182,8 +182,9 @@ class Coordination:
     confirm_retry: frozenset[tuple[Address, int]] = frozenset()
     last_thread_id: int = 0  # user: the highest thread id I used as sender
     # Restored from a backup: a channel or thread I learn of may hold states I signed and
-    # lost, so it starts awaiting its peer's sync, its nonces above RECOVERY_NONCE_GAP.
+    # lost, so it starts awaiting its peer's sync, its nonces `recovery_gap` above.
     recovered: bool = False
+    recovery_gap: int = RECOVERY_NONCE_GAP
 
     def opening(self, key: ThreadKey) -> ThreadOpening | None:
         return next((o for o in self.openings if o.initial.state.key == key), None)
@@ -724,7 +725,7 @@ class _Run:
         side = ch.new_channel(self.config.domain, Party.HUB, self.me, user)
         if self.coord.recovered:
             # I may have lost states of this channel: wait for the user's own.
-            side = replace(side, max_signed=RECOVERY_NONCE_GAP, awaiting_sync=True)
+            side = replace(side, max_signed=self.coord.recovery_gap, awaiting_sync=True)
         self.put_channel(user, replace(side, now=self.now()))
         return True
 
@@ -1098,7 +1099,7 @@ class _Run:
                     self.me,
                     initial.state,
                     initial,
-                    RECOVERY_NONCE_GAP,
+                    self.coord.recovery_gap,
                     self.config.window,
                 )
                 self.put_thread(key, rebuilt)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from node.api import STORE_FILE, Node, PeerRef
+from node.api import STORE_FILE, Node, PeerRef, WeftError
 from node.backup import BACKUP_FILE, backup_topic
 from node.gossip import MemoryBlockStore, open_block_service, serve_backup_requests
 from node.host import HUB_PROTOCOL, HostError, open_host
@@ -45,6 +45,13 @@ from tests.integration.test_backup_replication import backups, has_thread_at, wa
 DEPOSIT = Assets(ETHER, 10**18)
 LOCK = Assets(ETHER // 10, 10**17)
 LISTEN = 0.5  # seconds on the backup topic: the peers are asked directly meanwhile
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions in `exc`, exception groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
 
 
 def slot_of(net: Network, node: Node) -> Slot:
@@ -182,6 +189,17 @@ async def test_recover_mid_thread_and_close_at_latest(tmp_path: Path, users: int
             assert not await store_is_empty(data_dir)
             with pytest.raises(StoreNotEmpty):
                 await recover_node(net.settings(a_slot), peers, listen=LISTEN)
+            # A recovery cut after writing backups.sqlite but before the store: the node
+            # refuses to start afresh (it would sign over its backed-up states), and a
+            # second recovery completes.
+            for path in data_dir.glob(f"{STORE_FILE}*"):
+                path.unlink()
+            with pytest.raises(BaseException) as refused:  # a group or not
+                await net.start(a_slot)
+            (error,) = leaves(refused.value)
+            assert isinstance(error, WeftError) and f"published backup {newest}" in str(error)
+            report = await recover_node(net.settings(a_slot), peers, listen=LISTEN)
+            assert report.sequence == newest and not report.stale
 
             a = await net.start(a_slot)
             assert a.state.coordination.recovered

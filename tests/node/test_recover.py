@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from libp2p.peer.id import ID
 
-from node import api
+from node import api, recover
 from node import engine as eng
 from node.backup import BACKUP_FILE
-from node.backup_store import BackupStore
+from node.backup_store import BackupStore, published_sequence
 from node.gossip import BlockUnavailable
 from node.host import address_of_peer, peer_identity
 from node.peers import PeerRef
@@ -33,9 +33,10 @@ from node.recover import (
 from node.store import Batch, Store
 from protocols import roles
 from protocols.backup import Announcement, announcement_digest, backup_key, pack_backup
+from protocols.recovery import RECOVERY_NONCE_GAP
 from protocols.signing import Signer
 from protocols.types import Address, Party
-from tests.node.test_backup import DOMAIN, HUB, Versions, _key
+from tests.node.test_backup_service import DOMAIN, HUB, Versions, _key
 
 
 class FakeHost:
@@ -173,6 +174,9 @@ async def test_the_newest_is_adopted_and_written(tmp_path: Path) -> None:
         assert backups.pinned(v.address) == set(new_blocks)
     finally:
         backups.close()
+    # What open_node reads to refuse starting afresh on a lost store.
+    assert published_sequence(tmp_path / BACKUP_FILE) == 7
+    assert published_sequence(tmp_path / "missing.sqlite") == 0
 
 
 async def test_never_older_than_seen_unless_allowed(tmp_path: Path) -> None:
@@ -263,3 +267,11 @@ def test_recover_command_failures_are_one_line(
     assert main(["recover", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "is not empty" in err and err.count("\n") == 1
+
+
+def test_each_recovery_draws_its_own_gap() -> None:
+    gaps = {recover.recovery_gap() for _ in range(50)}
+    assert len(gaps) > 1
+    for gap in gaps:
+        assert gap % RECOVERY_NONCE_GAP == 0
+        assert RECOVERY_NONCE_GAP <= gap <= RECOVERY_NONCE_GAP * recover.GAP_MULTIPLES

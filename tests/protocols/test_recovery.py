@@ -92,12 +92,14 @@ def take_backup(node: RoleNode, sequence: int = 1) -> backup.BackupContent:
     return opened
 
 
-def crash_and_restore(w: RoleWorld, node: RoleNode, content: backup.BackupContent) -> None:
+def crash_and_restore(
+    w: RoleWorld, node: RoleNode, content: backup.BackupContent, gap: int = GAP
+) -> None:
     """`node` loses its store and everything in flight, and comes back from `content`."""
     for other in w.nodes.values():
         if other is not node:
             w.cut(node, other)
-    node.state = recovery.restore_state(node.state.config, content)
+    node.state = recovery.restore_state(node.state.config, content, gap)
     w.step(node, ch.ContractReceiveBlock(w.ledger.now))  # the node reads the chain first
 
 
@@ -815,3 +817,40 @@ def test_a_close_under_way_at_the_crash_is_finished_after_it() -> None:
     w.agreed(a)
     w.agreed(b)
     check_no_equivocation(w)
+
+
+@pytest.mark.parametrize("second_gap", [2 * GAP, GAP])
+def test_two_recoveries_from_one_backup_sign_apart_only_with_their_own_gaps(
+    second_gap: int,
+) -> None:
+    """The node draws a gap per recovery (`node.recover.recovery_gap`): a proposal the peer
+    never got, signed after the first recovery, is not signed over after a second recovery
+    from the same backup. With the same gap both times it would be."""
+    w = world(("a", "b"))
+    a, b = w.u["a"], w.u["b"]
+    key = open_thread(w, a, b, Assets(20, 20), Assets(20, 20))
+    pay(w, a, key, Assets(1, 0))
+    content = take_backup(a)
+    crash_and_restore(w, a, content, GAP)
+    reconnect(w, a, w.hub, b)
+    w.run()
+    w.cut(a, b)  # a's next proposal never reaches b
+    pay(w, a, key, Assets(1, 0))
+    crash_and_restore(w, a, content, second_gap)  # nothing newer was published
+    reconnect(w, a, w.hub, b)
+    w.run()
+    pay(w, a, key, Assets(2, 0))
+    assert thread_latest(b, key) == thread_latest(a, key)
+    assert thread_latest(b, key).state.balance_receiver == Assets(20 + 1 + 2, 20)
+    if second_gap == GAP:
+        with pytest.raises(AssertionError, match="signed two states"):
+            check_no_equivocation(w)
+    else:
+        check_no_equivocation(w)
+
+
+def test_restore_refuses_a_gap_below_the_minimum() -> None:
+    w = world(("a", "b"))
+    content = take_backup(w.u["a"])
+    with pytest.raises(recovery.RecoveryError, match="gap"):
+        recovery.restore_state(w.u["a"].state.config, content, GAP - 1)
