@@ -36,6 +36,11 @@ tests/node/test_gossip.py:
   `.push_msg`): the stream is reset, the message dropped and counted against its
   forwarder. Validators run under a catch-all too (a failing one means IGNORE, logged).
   Pinned by test_malformed_pubsub_traffic_is_contained.
+- A pubsub stream that the peer refuses to negotiate (its gossip not running yet, or
+  stopped and started again) is a `StreamFailure`, which the library never retries: the
+  peer is then never sent anything. Retried like a dial failure, for at most
+  `PEER_STREAM_RETRY_TIMEOUT` (the library retries those for as long as the peer stays
+  connected). Pinned by test_a_peer_whose_gossip_starts_later_is_taken_in.
 - Stream handlers must not be removed while the host runs (node/host.py): on exit the
   protocols are switched to handlers that reset their streams, and the pubsub notifee is
   removed from the network.
@@ -69,6 +74,8 @@ from libp2p.abc import IHost, INetStream
 from libp2p.bitswap.cid import compute_cid_v1
 from libp2p.bitswap.pb.bitswap_pb2 import Message as BitswapMessage
 from libp2p.exceptions import ValidationError
+from libp2p.host.exceptions import StreamFailure
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -311,6 +318,9 @@ class _SizedPeerQueues(dict[ID, RpcQueue]):
 
 _IGNORED_MEMORY: Final = 4096
 """Ids of ignored messages remembered between validation and forwarding."""
+PEER_STREAM_RETRY_TIMEOUT: Final = 30.0
+"""Seconds to keep trying to open the pubsub stream to a connected peer (back-off 0.5 s
+doubling to 10 s: about six tries)."""
 
 
 class _WeftPubsub(Pubsub):
@@ -332,6 +342,23 @@ class _WeftPubsub(Pubsub):
             logger.info("pubsub stream from %s failed: %r", stream.muxed_conn.peer_id, exc)
             with shielded_for(CLOSE_TIMEOUT), suppress(Exception):
                 await stream.reset()
+
+    # Opens the pubsub stream to a connected peer. The library retries (with back-off, while
+    # the peer stays connected) only a SwarmException; a negotiation the peer refuses is a
+    # StreamFailure, after which the peer is never registered and never hears from us: a
+    # peer whose gossip is not running yet (it starts after the connection, or again on a
+    # host whose earlier gossip stopped) would stay deaf to ours. Retried here too.
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        try:
+            await super()._handle_new_peer(peer_id)
+        except StreamFailure as exc:
+            raise SwarmException(str(exc)) from exc
+
+    # The library retries for as long as the peer stays connected; a peer that never runs
+    # gossip would be asked every 10 s for ever. Bounded here.
+    async def _handle_new_peer_with_retry(self, peer_id: ID, timeout: float | None = None) -> None:
+        bound = PEER_STREAM_RETRY_TIMEOUT if timeout is None else timeout
+        await super()._handle_new_peer_with_retry(peer_id, bound)
 
     # Run as a pubsub task per received message. In the library version an exception (e.g.
     # an undecodable public key in a message, from its signature check) ends the task

@@ -17,6 +17,9 @@ Workarounds for py-libp2p 0.8.1, each pinned by a test in tests/node/test_host.p
   sockets leak. `open_host` calls `host.close()` (shielded, bounded) before leaving it.
 - Exceptions raised inside `host.run()`'s body come out wrapped in nested exception
   groups; `open_host` re-raises the body's own exception unwrapped.
+- `host.close()` closes the connections one after the other, each taking 0.2 s (two
+  `trio.sleep(0.1)` in Yamux and SwarmConn): 1 s with five peers, past `HOST_CLOSE_TIMEOUT`
+  with 25. `open_host` closes them all at once first.
 
 - An exception escaping a stream handler tears down the whole host (it propagates through
   the connection's nursery into `host.run`): `set_handler` wraps every handler, logs the
@@ -37,8 +40,9 @@ from dataclasses import dataclass
 from typing import Final
 
 import multiaddr
+import trio
 from libp2p import new_host
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetConn, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.secp256k1 import Secp256k1PublicKey, create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -299,6 +303,22 @@ def _new_libp2p_host(identity: PeerIdentity, listen: multiaddr.Multiaddr) -> IHo
     )
 
 
+async def _close_connections(host: IHost) -> None:
+    """Close every connection of `host` at the same time (errors logged, as libp2p does)."""
+
+    async def close(conn: INetConn) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            logger.warning("error closing a connection: %s", exc)
+
+    connections = host.get_network().connections
+    async with trio.open_nursery() as nursery:
+        for conns in list(connections.values()):
+            for conn in list(conns):
+                nursery.start_soon(close, conn)
+
+
 @asynccontextmanager
 async def open_host(
     private_key: bytes, listen_port: int = 0, *, dial_retries: int = 0
@@ -341,6 +361,7 @@ async def open_host(
                 # (trio system tasks) outlive it, the port stays bound and dialed
                 # connections leak their sockets.
                 with shielded_for(HOST_CLOSE_TIMEOUT):
+                    await _close_connections(host)
                     await host.close()
     except BaseExceptionGroup as group:
         # host.run runs the body inside nurseries, which wrap whatever it raises in

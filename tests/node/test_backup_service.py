@@ -3,7 +3,8 @@ the keeper's decisions, persistence across restarts, the settings in node.run's 
 
 The agent's timing is tested against a fake gossip layer that records what is published,
 under the autojump clock. Waits there are on events, not polls: while a worker thread packs
-or commits, a pending deadline would let the clock jump and skew the virtual times.
+or commits, a pending deadline would let the clock jump and skew the virtual times. Where a
+test polls (`until`), its time limit is in real seconds for that reason.
 
 Keeper tests run real hosts on 127.0.0.1: an "announcer" (plain gossip and a block service
 that publishes whatever the test wants and serves any bytes under any CID, tampered ones
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -161,11 +163,14 @@ async def cids_of(get: Callable[[bytes], Any], announcement: Announcement) -> se
 
 
 async def until(check: Callable[[], bool], what: str, timeout: float = STEP) -> None:
-    with trio.move_on_after(timeout):
-        while not check():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"never happened within {timeout} s: {what}")
+    """Poll `check` until it holds; fail after `timeout` seconds of real time. (Under the
+    autojump clock, virtual time races through the polls while a worker thread packs or
+    commits: a virtual timeout would fire after a few milliseconds of a slow fsync.)"""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened within {timeout} s: {what}")
+        await trio.sleep(0.01)
 
 
 # ---------------------------------------------------------------- the agent (fake gossip)

@@ -10,6 +10,8 @@ Regression tests for the py-libp2p 0.8.1 workarounds in node/host.py:
 - exceptions out of `host.run` wrapped in groups: test_port_in_use_is_host_error,
   test_body_exception_leaves_open_host_unwrapped
 - dial retries (~0.7 s to report a refused port): test_dial_closed_port_is_unreachable_fast
+- connections closed one after the other on shutdown:
+  test_shutdown_closes_every_connection_at_once
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import os
 import socket
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from itertools import pairwise
 
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair as create_ed25519_key_pair
+from libp2p.network.connection.swarm_connection import SwarmConn
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 
@@ -445,6 +448,41 @@ async def test_shutdown_releases_port_tasks_and_sockets() -> None:
     with trio.fail_after(STEP):  # the port is free again: a new host can listen on it
         async with open_host(_key(), port) as again:
             assert again.listen_addrs == (f"/ip4/127.0.0.1/tcp/{port}",)
+
+
+async def test_shutdown_closes_every_connection_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-libp2p's `host.close()` closes connections one after the other, 0.2 s each;
+    open_host closes them all at the same time, and every peer sees its connection go."""
+    closing: set[SwarmConn] = set()  # this host's connections being closed
+    most = 0
+    close = SwarmConn.close
+
+    async def counted(conn: SwarmConn) -> None:
+        nonlocal most
+        if conn.swarm is not swarm:  # a peer's side of the connection
+            await close(conn)
+            return
+        closing.add(conn)
+        most = max(most, len(closing))
+        try:
+            await close(conn)
+        finally:
+            closing.discard(conn)
+
+    with trio.fail_after(STEP):
+        async with AsyncExitStack() as stack:
+            peers = [await stack.enter_async_context(open_host(_key())) for _ in range(5)]
+            async with open_host(_key()) as host:
+                swarm = host.libp2p.get_network()
+                for peer in peers:
+                    await host.connect(peer.peer_id, peer.listen_addrs)
+                monkeypatch.setattr(SwarmConn, "close", counted)
+            assert most == len(peers)
+            for _ in range(500):
+                if not any(peer.is_connected(host.peer_id) for peer in peers):
+                    break
+                await trio.sleep(0.01)
+            assert not any(peer.is_connected(host.peer_id) for peer in peers)
 
 
 # ---------------------------------------------------------------- FramedStream alone
