@@ -156,6 +156,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench.main(list(args.passed_args)) or 0)
 
 
+def cmd_bench_backup(args: argparse.Namespace) -> int:
+    bench = _load("devnet.bench_backup", "the backup benchmark")
+    return int(bench.main(list(args.passed_args)) or 0)
+
+
 def cmd_node_run(args: argparse.Namespace) -> int:
     run = _load("node.run", "the node runner")
     return int(run.main(["--config", str(args.config)]) or 0)
@@ -344,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(run=cmd_bench)
 
+    bench_backup = commands.add_parser(
+        "bench-backup",
+        help="benchmark gossip backups: replication lag and recovery time "
+        "(arguments go to it unchanged; 'weft bench-backup --help' lists them)",
+        add_help=False,
+    )
+    bench_backup.set_defaults(run=cmd_bench_backup)
+
     node = commands.add_parser("node", help="run a node")
     node_actions = node.add_subparsers(dest="action", metavar="ACTION", required=True)
     node_run = node_actions.add_parser(
@@ -452,11 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         try:
-            # Unknown arguments are allowed only for `sim` and `bench`, which pass them on verbatim.
+            # Unknown arguments are allowed only for `sim` and the benchmarks, which pass them
+            # on verbatim.
             args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
         except SystemExit as exc:  # --help printed its text
             return exc.code if isinstance(exc.code, int) else 0
-        if args.command in ("sim", "bench"):
+        if args.command in ("sim", "bench", "bench-backup"):
             args.passed_args = extra
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from devnet.bench_backup import backups, has_thread_at, wait_replicated
 from node.api import STORE_FILE, Node, PeerRef, WeftError
 from node.backup import BACKUP_FILE, backup_topic
 from node.gossip import MemoryBlockStore, open_block_service, serve_backup_requests
@@ -40,7 +41,6 @@ from protocols.backup import (
 from protocols.signing import Signer
 from protocols.types import Address, Assets, ThreadKey
 from tests.integration.network import ETHER, Network, Slot, eventually, local_network, new_key
-from tests.integration.test_backup_replication import backups, has_thread_at, wait_replicated
 
 DEPOSIT = Assets(ETHER, 10**18)
 LOCK = Assets(ETHER // 10, 10**17)
