@@ -1,14 +1,15 @@
 """Benchmark thread payments between node processes, against their floor, and the hub.
 
     weft bench [--runs 3] [--sequential 1000] [--pipelined 10000] [--window 256]
-               [--checkpoints 50] [--relaxed] [--profile DIR] [--json]
+               [--checkpoints 50] [--relaxed] [--no-backups] [--profile DIR] [--json]
     python -m devnet.bench_node ...                        (the same)
 
 Each run starts its own network: the embedded chain served by `devnet.chain_server` (one
 for all runs), and a hub and two users, A (the payer) and B (the payee), each
 `python -m node.run` (libp2p on 127.0.0.1, SQLite in WAL mode with `synchronous=FULL`, or
-`relaxed_commits` with `--relaxed`). A and B deposit, the hub collateralizes both, A opens a
-thread to B. Then, in this order:
+`relaxed_commits` with `--relaxed`; gossip backups on, as by default, or off with
+`--no-backups` to see what they cost). A and B deposit, the hub collateralizes both, A opens
+a thread to B. Then, in this order:
 
 1. Node payments, inside A's process (`bench_pay` over the control interface, so the
    control round trip is not counted), after 200 untimed ones: sequential (one payment in
@@ -76,7 +77,7 @@ CPU near zero; RSS <= 150 MB.
 - `rss_mb`, `peak_rss_mb`: `{"hub", "payer", "payee"}`, resident memory now / at peak, MB
 
 and `runs`, `sequential_count`, `pipelined_count`, `window`, `checkpoint_cycles` (per
-pair), `checkpoint_pairs`, `relaxed` (the parameters), `machine` (`cpu`: the model from
+pair), `checkpoint_pairs`, `relaxed`, `backups` (the parameters), `machine` (`cpu`: the model from
 /proc/cpuinfo, `cores`, `python`), `seconds` (wall time of the whole benchmark) and `all`
 (the same figures for each run, in order).
 """
@@ -205,11 +206,13 @@ class BenchError(Exception):
     given up."""
 
 
-def node_options(relaxed: bool) -> dict[str, Any]:
+def node_options(relaxed: bool, backups: bool = True) -> dict[str, Any]:
     """The config entries every node of a run gets on top of `node_config`'s."""
     options: dict[str, Any] = {"poll_interval": QUIET_POLL_INTERVAL}
     if relaxed:
         options["relaxed_commits"] = True
+    if not backups:
+        options["backups"] = False
     return options
 
 
@@ -468,7 +471,7 @@ def one_run(
     dep: Deployment = trio.run(deploy, url)
     with Network(dep) as net:
         try:
-            start_network(net, root, profile, node_options(args.relaxed))
+            start_network(net, root, profile, node_options(args.relaxed, args.backups))
             progress("node payments")
             run = measure_payments(net, args.sequential, args.pipelined, args.window)
             progress("hub checkpoints")
@@ -561,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", type=Path, help="write cProfile stats of A and B here")
     parser.add_argument(
         "--relaxed", action="store_true", help="nodes with relaxed_commits (see SPEC.md)"
+    )
+    parser.add_argument(
+        "--no-backups",
+        dest="backups",
+        action="store_false",
+        help="nodes without gossip backups (what backups cost)",
     )
     return parser
 
@@ -681,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_cycles": args.checkpoints,
         "checkpoint_pairs": CHECKPOINT_PAIRS,
         "relaxed": args.relaxed,
+        "backups": args.backups,
         "machine": machine(),
         "seconds": round(time.monotonic() - started, 1),
         "all": runs,

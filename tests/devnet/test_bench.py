@@ -240,6 +240,7 @@ def test_a_tiny_run_reports_every_figure(capsys: pytest.CaptureFixture[str]) -> 
     )
     assert report["runs"] == 1
     assert report["relaxed"] is False
+    assert report["backups"] is True
     assert report["checkpoint_cycles"] == 3
     assert report["machine"]["cores"] >= 1
     assert report["machine"]["cpu"] and report["machine"]["python"]
@@ -357,7 +358,7 @@ def no_chain(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_chain")
-def test_relaxed_holds_for_its_own_run_only(
+def test_relaxed_and_no_backups_hold_for_their_own_run_only(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     configs: list[dict[str, Any]] = []
@@ -381,11 +382,14 @@ def test_relaxed_holds_for_its_own_run_only(
     monkeypatch.setattr(bench_node, "NodeProcess", Unstarted)
     assert bench_node.main(["--runs", "1", "--relaxed"]) == 1
     assert bench_node.main(["--runs", "1"]) == 1
-    relaxed, strict = configs
+    assert bench_node.main(["--runs", "1", "--no-backups"]) == 1
+    relaxed, strict, no_backups = configs
     assert relaxed["relaxed_commits"] is True
-    assert "relaxed_commits" not in strict
+    assert "relaxed_commits" not in strict and "relaxed_commits" not in no_backups
+    assert no_backups["backups"] is False
+    assert "backups" not in strict and "backups" not in relaxed  # on, by default
     assert relaxed["poll_interval"] == strict["poll_interval"] == bench_node.QUIET_POLL_INTERVAL
-    assert error_lines(capsys.readouterr().err) == 2 * [
+    assert error_lines(capsys.readouterr().err) == 3 * [
         "weft bench: error: ProcessError: hub not started (test)"
     ]
 
