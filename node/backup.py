@@ -122,7 +122,7 @@ TOPIC_PREFIX: Final = "/weft/backup/1"
 DEFAULT_INTERVAL: Final = 2.0
 DEFAULT_MAX_OWNERS: Final = 64
 DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
-URGENT_GAP: Final = 0.05
+URGENT_GAP: Final = 0.5
 """Seconds between two announcements at least, urgent ones included (a burst of thread
 closes on a hub makes one announcement, not one each)."""
 FINAL_TIMEOUT: Final = 3.0

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ from protocols.backup import (
     MAX_SEALED_BYTES,
     Announcement,
     BackupContent,
+    BlockMissing,
     DecryptionFailed,
     Priority,
     Replica,
@@ -278,6 +280,32 @@ async def test_urgent_change_is_announced_at_once(
         await gossip.wait_for(2)
         assert gossip.sent[1].at - marked <= URGENT_GAP
         assert gossip.sent[1].at - gossip.sent[0].at < 2.0
+
+
+async def test_urgent_changes_in_a_row_are_spaced_by_the_urgent_gap(
+    tmp_path: Path, autojump_clock: MockClock
+) -> None:
+    content = Versions()
+    gossip = FakeGossip()
+    async with running_agent(tmp_path, content.key, content, gossip) as (agent, store):
+        await gossip.wait_for(1)
+        for version in range(2, 22):  # 20 urgent changes over 2 s
+            content.version = version
+            agent.mark_changed(urgent=True)
+            await trio.sleep(0.1)
+        deadline = time.monotonic() + STEP  # real time: see `until`
+        while True:  # until the last change is out
+            last = gossip.sent[-1].announcement
+            try:
+                if balance_in(content.key, await read_backup(store.get, last), last) == 21:
+                    break
+            except (AssertionError, BlockMissing):  # replaced while read: blocks unpinned
+                pass
+            assert time.monotonic() < deadline, "the last change never announced"
+            await trio.sleep(0.01)
+        times = [sent.at for sent in gossip.sent]
+        assert all(later - earlier >= URGENT_GAP for earlier, later in pairwise(times))
+        assert len(times) <= 1 + 2.0 / URGENT_GAP + 1
 
 
 def _transition(
