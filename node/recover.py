@@ -37,10 +37,14 @@ could not be had, and nothing is written. Then the sequence written to `backups.
 above the newest seen (the adopted content sealed again under it).
 
 Errors (all `RecoveryFailed`, a `node.api.WeftError`): `StoreNotEmpty`, `NoBackupReachable`
-("no backup of 0x.. reachable from N peers", with what was tried), `OnlyStaleBackups`.
-Nothing is written unless a backup is adopted. Cancellation stops the recovery; a store is
-either written whole or not at all (one transaction each; `backups.sqlite` first, so a
-recovery cut between the two is simply run again).
+("no backup of 0x.. reachable from N peers", with what was tried), `OnlyStaleBackups`, and
+`RecoveryFailed` itself when the data directory, the stores or the recovery's host fail.
+Nothing is written unless a backup is adopted. Cancellation stops the recovery, but not
+the writing of an adopted backup: that runs to its end (one transaction per store,
+`backups.sqlite` first, so a recovery cut between the two by a crash is simply run again),
+and a timeout that comes after it does not fail the recovery. Announcements heard on the
+topic that are not signed by the node's key are rejected there (counted against the peer
+that forwarded them).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from node.gossip import (
     BlockError,
     BlockService,
     GossipConfig,
+    GossipError,
     MemoryBlockStore,
     Verdict,
     open_block_service,
@@ -92,6 +97,7 @@ from protocols.backup import (
     parse_root,
     rank_backups,
 )
+from protocols.eip712 import Domain
 from protocols.errors import InvalidValue
 from protocols.recovery import RECOVERY_NONCE_GAP, RecoveryError, restore_state
 from protocols.signing import Signer
@@ -122,6 +128,9 @@ CONNECT_TIMEOUT: Final = 5.0
 REQUEST_TIMEOUT: Final = 5.0
 PEER_FETCH_TIMEOUT: Final = 5.0
 MAX_CHILDREN_PER_FETCH: Final = 1024
+MAX_SEEN: Final = 64
+"""Announcements of my address kept while recovering (the newest: one per peer asked, and
+those heard on the topic, each checked to be signed by my key)."""
 
 
 # ---------------------------------------------------------------- errors and results
@@ -207,10 +216,17 @@ class _Seen:
     notes: list[str] = field(default_factory=list)
 
     def add(self, announcement: Announcement, source: ID | None) -> None:
-        """Note `announcement`, offered by `source` (None: heard on the topic)."""
+        """Note `announcement`, offered by `source` (None: heard on the topic). Beyond
+        `MAX_SEEN` announcements, the one with the lowest sequence is forgotten."""
         if announcement not in self.sources:
             self.announcements.append(announcement)
             self.sources[announcement] = []
+            if len(self.announcements) > MAX_SEEN:
+                oldest = min(self.announcements, key=lambda a: a.sequence)
+                self.announcements.remove(oldest)
+                del self.sources[oldest]
+                if oldest is announcement:
+                    return
         if source is not None and source not in self.sources[announcement]:
             self.sources[announcement].append(source)
 
@@ -274,14 +290,19 @@ async def recover_node(
     address held by the hub or `peers` (see the module docstring); return what it adopted.
 
     Raises `StoreNotEmpty`, `NoBackupReachable`, `OnlyStaleBackups` (nothing written),
-    `RequestTimeout` after `timeout` seconds (nothing written), `WeftError` if the chain or
-    the ChannelManager cannot be read. Cancellation leaves nothing or a whole store.
+    `RequestTimeout` after `timeout` seconds (nothing written), `RecoveryFailed` if the
+    data directory, a store or the recovery's host fails, `WeftError` if the chain or the
+    ChannelManager cannot be read. Cancellation leaves nothing or whole stores.
     """
     started = trio.current_time()
     phases: list[tuple[str, float]] = []
     signer = Signer(settings.private_key)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if not await store_is_empty(settings.data_dir):
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        empty = await store_is_empty(settings.data_dir)
+    except (OSError, StoreError) as exc:
+        raise RecoveryFailed(f"cannot read the store in {settings.data_dir}: {exc}") from exc
+    if not empty:
         raise StoreNotEmpty(
             f"the store in {settings.data_dir} is not empty: recovery rebuilds an empty one"
         )
@@ -302,19 +323,21 @@ async def recover_node(
     for ref in peers:
         if ref.address != signer.address and all(t.peer_id != ref.peer_id for t in targets):
             targets.append(ref)
-    with trio.move_on_after(timeout) as scope:
-        adopted = await _recover(
+    written: list[RecoveryReport] = []  # the report, once the stores are written
+    with trio.move_on_after(timeout):
+        await _recover(
             settings,
             config,
             targets,
             listen,
             allow_older,
             lambda step: phases.append((step, trio.current_time() - started)),
+            written,
         )
-    if scope.cancelled_caught:
+    if not written:
         raise api.RequestTimeout(f"recovery of {signer.address} not done within {timeout} s")
     elapsed = trio.current_time() - started
-    return replace(adopted, elapsed=elapsed, phases=(*phases, ("host closed", elapsed)))
+    return replace(written[0], elapsed=elapsed, phases=(*phases, ("host closed", elapsed)))
 
 
 async def _recover(
@@ -324,34 +347,52 @@ async def _recover(
     listen: float,
     allow_older: bool,
     phase: Callable[[str], None],
-) -> RecoveryReport:
+    written: list[RecoveryReport],
+) -> None:
+    """Find, fetch, check and write the newest backup; its report goes to `written` as
+    soon as the stores are written (the host is closed after that)."""
     me, domain = config.me, config.domain
     seen = _Seen()
     async with AsyncExitStack() as stack:
-        host = await stack.enter_async_context(open_host(settings.private_key, 0))
-        phase("host up")
-        gossip = await stack.enter_async_context(open_gossip(host, GossipConfig()))
-        blocks = await stack.enter_async_context(open_block_service(host, MemoryBlockStore()))
+        try:
+            host = await stack.enter_async_context(open_host(settings.private_key, 0))
+            phase("host up")
+            gossip = await stack.enter_async_context(open_gossip(host, GossipConfig()))
+            blocks = await stack.enter_async_context(open_block_service(host, MemoryBlockStore()))
+        except (HostError, GossipError, BlockError) as exc:
+            raise RecoveryFailed(f"cannot start the recovery's libp2p host: {exc}") from exc
 
-        def validate(data: bytes) -> Verdict:
-            try:
-                announcement = decode_announcement(data)
-            except BackupError:
-                return Verdict.REJECT
-            if announcement.owner != me:
-                return Verdict.IGNORE  # not ours; this host keeps no replicas
-            seen.add(announcement, None)
-            return Verdict.IGNORE
-
-        subscription = await gossip.subscribe(backup_topic(domain), validate)
+        subscription = await gossip.subscribe(backup_topic(domain), _listener(me, domain, seen))
         stack.push_async_callback(subscription.aclose)
         async with trio.open_nursery() as nursery:
             for ref in targets:
                 nursery.start_soon(_ask, host, ref, me, seen)
             nursery.start_soon(trio.sleep, listen)
         phase("peers asked")
-        return await _adopt(settings, config, host, blocks, seen, len(targets), allow_older, phase)
-    raise AssertionError("unreachable")  # pragma: no cover (for mypy: the stack may swallow)
+        report = await _adopt(
+            settings, config, host, blocks, seen, len(targets), allow_older, phase
+        )
+        written.append(report)
+
+
+def _listener(me: Address, domain: Domain, seen: _Seen) -> Callable[[bytes], Verdict]:
+    """The validator of the backup topic while recovering: my announcements, signed by my
+    key, go to `seen`; malformed ones and forgeries are rejected; the rest is ignored (this
+    host keeps no replicas, and forwards nothing)."""
+
+    def validate(data: bytes) -> Verdict:
+        try:
+            announcement = decode_announcement(data)
+        except BackupError:
+            return Verdict.REJECT
+        if announcement.owner != me:
+            return Verdict.IGNORE
+        if newest_sequence((announcement,), me, domain) is None:
+            return Verdict.REJECT  # not signed by my key
+        seen.add(announcement, None)
+        return Verdict.IGNORE
+
+    return validate
 
 
 async def _ask(host: Host, ref: PeerRef, me: Address, seen: _Seen) -> None:
@@ -447,9 +488,10 @@ async def _adopt(
                 )
             phase("fetched and opened")
             peer = source.to_base58() if source is not None else _any_connected(host, seen)
-            next_sequence = await _write(
-                settings, config, state, content, announcement, found, newest or 0
-            )
+            with trio.CancelScope(shield=True):  # whole, even past the timeout
+                next_sequence = await _write(
+                    settings, config, state, content, announcement, found, newest or 0
+                )
             phase("written")
             return RecoveryReport(
                 address=me,
@@ -490,26 +532,26 @@ async def _write(
     then the node's store; return the sequence recorded as last used."""
     me, domain = config.me, config.domain
     fingerprint = content_fingerprint(encode_content(replace(content, sequence=0)))
-    async with open_backup_store(settings.data_dir / BACKUP_FILE, me, domain) as backups:
-        last = (await backups.load()).sequence
-        if announcement.sequence > last and announcement.sequence >= newest:
-            own, pinned = announcement, found
-        else:
-            # An older backup adopted (or a store that used higher sequences): seal it again
-            # above everything seen; fingerprint b"" makes the node announce at once.
-            sequence = max(last, newest, announcement.sequence) + 1
-            own, pinned = await trio.to_thread.run_sync(
-                pack_backup,
-                backup_key(settings.private_key),
-                os.urandom(12),
-                replace(content, sequence=sequence),
-                Signer(settings.private_key),
-            )
-            fingerprint = b""
-        try:
+    try:
+        async with open_backup_store(settings.data_dir / BACKUP_FILE, me, domain) as backups:
+            last = (await backups.load()).sequence
+            if announcement.sequence > last and announcement.sequence >= newest:
+                own, pinned = announcement, found
+            else:
+                # An older backup adopted (or a store that used higher sequences): seal it
+                # again above everything seen; fingerprint b"" makes the node announce at once.
+                sequence = max(last, newest, announcement.sequence) + 1
+                own, pinned = await trio.to_thread.run_sync(
+                    pack_backup,
+                    backup_key(settings.private_key),
+                    os.urandom(12),
+                    replace(content, sequence=sequence),
+                    Signer(settings.private_key),
+                )
+                fingerprint = b""
             await backups.commit_own(own, fingerprint, pinned)
-        except BackupStoreError as exc:
-            raise RecoveryFailed(f"cannot write {BACKUP_FILE}: {exc}") from exc
+    except BackupStoreError as exc:
+        raise RecoveryFailed(f"cannot write {BACKUP_FILE}: {exc}") from exc
     await _write_store(settings.data_dir / api.STORE_FILE, state)
     return own.sequence
 

@@ -13,13 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import trio
 from libp2p.peer.id import ID
 
 from node import api, recover
 from node import engine as eng
 from node.backup import BACKUP_FILE
 from node.backup_store import BackupStore, published_sequence
-from node.gossip import BlockUnavailable
+from node.gossip import BlockUnavailable, Verdict
 from node.host import address_of_peer, peer_identity
 from node.peers import PeerRef
 from node.recover import (
@@ -32,7 +33,13 @@ from node.recover import (
 )
 from node.store import Batch, Store
 from protocols import roles
-from protocols.backup import Announcement, announcement_digest, backup_key, pack_backup
+from protocols.backup import (
+    Announcement,
+    announcement_digest,
+    backup_key,
+    encode_announcement,
+    pack_backup,
+)
 from protocols.recovery import RECOVERY_NONCE_GAP
 from protocols.signing import Signer
 from protocols.types import Address, Party
@@ -275,3 +282,72 @@ def test_each_recovery_draws_its_own_gap() -> None:
     for gap in gaps:
         assert gap % RECOVERY_NONCE_GAP == 0
         assert RECOVERY_NONCE_GAP <= gap <= RECOVERY_NONCE_GAP * recover.GAP_MULTIPLES
+
+
+async def test_a_backups_file_of_another_node_is_a_recovery_failure(tmp_path: Path) -> None:
+    v = Versions()
+    announcement, blocks = v.pack(4)
+    src = peer()
+    seen = _Seen()
+    seen.add(announcement, src)
+    fake = FakeBlocks()
+    fake.give(src, blocks)
+    BackupStore(tmp_path / BACKUP_FILE, Versions().address, DOMAIN).close()  # someone else's
+    with pytest.raises(recover.RecoveryFailed, match=f"cannot write {BACKUP_FILE}"):
+        await adopt(v, tmp_path, seen, fake)
+    assert not (tmp_path / api.STORE_FILE).exists()
+
+
+async def test_a_cancellation_while_writing_leaves_whole_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v = Versions()
+    announcement, blocks = v.pack(4)
+    src = peer()
+    seen = _Seen()
+    seen.add(announcement, src)
+    fake = FakeBlocks()
+    fake.give(src, blocks)
+    writing = trio.Event()
+    write_store = recover._write_store
+
+    async def slow_write_store(path: Path, state: roles.NodeState) -> None:
+        writing.set()
+        await trio.sleep(0.2)  # the cancellation arrives now
+        await write_store(path, state)
+
+    monkeypatch.setattr(recover, "_write_store", slow_write_store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(adopt, v, tmp_path, seen, fake)
+        await writing.wait()
+        nursery.cancel_scope.cancel()
+    assert not await store_is_empty(tmp_path)
+    assert published_sequence(tmp_path / BACKUP_FILE) == 4
+
+
+def test_the_topic_listener_keeps_only_my_signed_announcements() -> None:
+    v = Versions()
+    mine, _ = v.pack(4)
+    other, _ = Versions().pack(9)
+    seen = _Seen()
+    listen = recover._listener(v.address, DOMAIN, seen)
+    assert listen(encode_announcement(mine)) is Verdict.IGNORE  # kept, not forwarded
+    assert listen(encode_announcement(forged(v.address, 99, mine))) is Verdict.REJECT
+    assert listen(encode_announcement(other)) is Verdict.IGNORE
+    assert listen(b"\x93\x01garbage") is Verdict.REJECT
+    assert seen.announcements == [mine] and seen.sources[mine] == []
+
+
+def test_what_is_seen_is_bounded_and_keeps_the_newest() -> None:
+    v = Versions()
+    template, _ = v.pack(1)
+    seen = _Seen()
+    digests = [
+        announcement_digest(DOMAIN, v.address, n, template.root_cid, template.size)
+        for n in range(1, recover.MAX_SEEN + 11)
+    ]
+    for n, digest in enumerate(digests, 1):
+        signed = v.user.sign_digest(digest)
+        seen.add(replace(template, sequence=n, signature=signed), peer())
+    assert len(seen.announcements) == len(seen.sources) == recover.MAX_SEEN
+    assert min(a.sequence for a in seen.announcements) == 11
