@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -714,9 +715,13 @@ async def open_node(settings: NodeSettings) -> AsyncIterator[Node]:
                     f"backup {published}: recover it from its backups (weft recover, or "
                     "NodeSettings.recovery) instead of starting afresh"
                 )
+            # A store with states but no record of the node's backups (backups.sqlite lost,
+            # or backups were off): backups it published may hold sequences its new ones
+            # must go above, which it cannot know. The wall clock in ms is above them.
+            backup_floor = 0 if loaded.fresh or published else time.time_ns() // 1_000_000
             async with (
                 open_host(settings.private_key, settings.listen_port) as host,
-                _run_node(settings, signer, manager, host, store, loaded) as node,
+                _run_node(settings, signer, manager, host, store, loaded, backup_floor) as node,
             ):
                 node.recovery = recovery
                 yield node
@@ -733,6 +738,7 @@ async def _run_node(
     host: Host,
     store: AsyncStore,
     loaded: eng.Loaded,
+    backup_floor: int = 0,
 ) -> AsyncIterator[Node]:
     onchain_send, onchain_receive = trio.open_memory_channel[
         tuple[int, ch.ContractSendAuthorizedUpdate]
@@ -855,6 +861,7 @@ async def _run_node(
                         settings.data_dir,
                         lambda: engine.state,
                         _backup_settings(settings),
+                        floor=backup_floor,
                     )
                 )
                 node.backups = backups

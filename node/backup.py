@@ -13,14 +13,22 @@ yields a `BackupService`:
   channel state with pending deposits or withdrawals, is announced at once (at most one
   per `URGENT_GAP`). Content equal to the last announced (`fingerprint`) is not announced
   again, nor is an empty one. `final()` makes the last announcement of a clean stop and
-  waits, bounded, until the directly connected subscribers have fetched it.
+  waits, bounded, until the directly connected subscribers have fetched it: as many
+  distinct peers as there were subscribers were sent its last block (`ServedBlocks`
+  counts a peer once, however often it asks).
 - the **replica keeper** (`ReplicaKeeper`): validates announcements on the topic (REJECT:
   malformed, bad signature, over `MAX_SEALED_BYTES`; IGNORE: our own, not newer than the
   kept one, or no room, per `protocols.backup.offer`), fetches the accepted backups' blocks
   (from the announcing peer if connected, else from any connected peer, retrying with
   back-off for `fetch_deadline` seconds since a relay may not hold them yet), checks
   them (CIDs, sizes: `from_blocks`), pins them and evicts per the replica policy. Owners we
-  share a thread with rank `THREAD_PEER`, others `OTHER`.
+  share a thread with rank `THREAD_PEER`, others `OTHER`. Announcements cost nothing to
+  make, so fake ones (blocks that exist nowhere) must not crowd out thread peers': a
+  fetch is given up once every peer asked has said (DontHave) for `DENIED_GRACE` (5 s)
+  that it lacks the blocks; thread peers' fetches have slots of their own
+  (`MAX_THREAD_PEER_FETCHES`, 2, besides the `MAX_FETCHES`, 4, of the others); and with
+  `MAX_PENDING_OWNERS` (256) owners pending, a thread peer's announcement displaces the
+  oldest pending OTHER one, while an OTHER one is dropped (`ReplicaKeeper.dropped`).
 - the block service (bitswap, `node.gossip`) serves every pinned block, and
   `/weft/backup/1` answers with the latest announcement held for an owner (ours included).
 
@@ -56,6 +64,7 @@ from node.gossip import (
     BlockMismatch,
     BlockService,
     BlockStore,
+    BlockUnavailable,
     GossipConfig,
     GossipError,
     GossipService,
@@ -134,10 +143,19 @@ FETCH_RETRY_MAX: Final = 2.0
 PEER_TIMEOUT: Final = 5.0
 """Seconds one peer may take to answer a block request."""
 MAX_FETCHES: Final = 4
-"""Backups of different owners fetched at the same time."""
+"""Backups of different OTHER owners fetched at the same time."""
+MAX_THREAD_PEER_FETCHES: Final = 2
+"""Backups of different thread peers fetched at the same time, in slots of their own: they
+never wait behind fetches of others' backups."""
 MAX_PENDING_OWNERS: Final = 256
 """Owners whose accepted announcements wait for their blocks; beyond it newcomers are
-dropped until some finish."""
+dropped until some finish, except that a thread peer's displaces the oldest pending
+OTHER one."""
+DENIED_GRACE: Final = 5.0
+"""Seconds a backup's blocks may be denied by every peer asked (all answer DontHave; a relay
+may still be fetching them) before the keeper gives up on it, deadline or not."""
+MAX_COUNTED_READERS: Final = 1024
+"""Peers counted as having read the watched block (`ServedBlocks`); more count as many."""
 MAX_HEARD_OWNERS: Final = 4096
 REPUBLISH_POLL: Final = 0.1
 """Seconds between checks for a mesh when an announcement went out to no peer."""
@@ -210,12 +228,14 @@ class BackupSettings:
 
 class ServedBlocks:
     """The node's `BlockStore`: the backup store, with the latest own backup held in
-    memory too, counting how often a watched block is read (the block service reads a block
-    to serve it), so that a stopping node can wait until its last backup was fetched."""
+    memory too, counting the peers a watched block was sent to (a `ServeWatcher`: the
+    block service reports each block it sent, and to whom), so that a stopping node can
+    wait until its last backup was fetched. A peer counts once, however often it reads."""
 
     def __init__(self, store: BlockStore) -> None:
         self._store = store
-        self._served: dict[bytes, int] = {}
+        self._watched: bytes | None = None
+        self._readers: set[Address] = set()
         self._changed = trio.Event()
         self._held: dict[bytes, bytes] = {}
 
@@ -225,19 +245,21 @@ class ServedBlocks:
         self._held = blocks
 
     def watch(self, cid: bytes) -> None:
-        """Count reads of `cid` from now on (and stop counting every other block)."""
-        self._served = {cid: 0}
+        """Count the peers sent `cid` from now on (and stop counting every other block)."""
+        self._watched = cid
+        self._readers = set()
 
     @property
     def watched(self) -> bytes | None:
         """The block being counted, if any."""
-        return next(iter(self._served), None)
+        return self._watched
 
     def served(self, cid: bytes) -> int:
-        return self._served.get(cid, 0)
+        """How many peers were sent `cid` since it was watched (0 if it is not)."""
+        return len(self._readers) if cid == self._watched else 0
 
     async def wait_served(self, cid: bytes, enough: Callable[[int], bool]) -> None:
-        """Wait until `enough(reads of cid)` holds (re-checked on every read)."""
+        """Wait until `enough(peers sent cid)` holds (re-checked on every new one)."""
         while not enough(self.served(cid)):
             await self._changed.wait()
 
@@ -246,13 +268,19 @@ class ServedBlocks:
         self._changed.set()
         self._changed = trio.Event()
 
+    def block_served(self, cid: bytes, peer: Address) -> None:
+        """The block service sent `cid` to `peer` (`node.gossip.ServeWatcher`)."""
+        if cid != self._watched or peer in self._readers:
+            return
+        if len(self._readers) >= MAX_COUNTED_READERS:
+            return
+        self._readers.add(peer)
+        self.poke()
+
     async def get(self, cid: bytes) -> bytes | None:
         data = self._held.get(cid)
         if data is None:
             data = await self._store.get(cid)
-        if data is not None and cid in self._served:
-            self._served[cid] += 1
-            self.poke()
         return data
 
     async def put(self, cid: bytes, data: bytes) -> None:
@@ -542,7 +570,12 @@ class BackupAgent:
 
 
 class _FetchFailed(Exception):
-    """An accepted backup could not be had (or was superseded); nothing was pinned."""
+    """An accepted backup could not be had (or was superseded); nothing was pinned.
+    `denied`: given up early, every peer asked having said it lacks the blocks."""
+
+    def __init__(self, message: str, *, denied: bool = False) -> None:
+        super().__init__(message)
+        self.denied = denied
 
 
 class ReplicaKeeper:
@@ -572,8 +605,9 @@ class ReplicaKeeper:
         self._observe_own = observe_own
         self.fetch_deadline = fetch_deadline
         self._wanted: dict[Address, tuple[Announcement, ID]] = {}
-        self._workers: set[Address] = set()
+        self._workers: dict[Address, trio.CancelScope] = {}
         self._fetch_slots = trio.Semaphore(MAX_FETCHES)
+        self._thread_peer_slots = trio.Semaphore(MAX_THREAD_PEER_FETCHES)
         self._commit_lock = trio.Lock()
         self._peers_of: tuple[object, frozenset[Address]] = (None, frozenset())
         self.heard: dict[Address, int] = {}
@@ -582,6 +616,13 @@ class ReplicaKeeper:
         self.ignored = 0
         self.kept = 0
         self.failed = 0
+        """Accepted backups not kept: blocks not had (or bad) by the deadline, or denied."""
+        self.denied = 0
+        """Of `failed`: given up before the deadline, every peer asked lacking the blocks
+        for `DENIED_GRACE` seconds."""
+        self.dropped = 0
+        """Accepted announcements not fetched: `MAX_PENDING_OWNERS` owners were pending
+        (an OTHER one, or a thread peer's with no OTHER to displace), or displaced."""
         self.kept_at: dict[Address, float] = {}
         """When each owner's current replica was pinned (trio time)."""
 
@@ -648,36 +689,65 @@ class ReplicaKeeper:
                     continue
                 self.want(announcement, message.origin, nursery)
 
+    @property
+    def pending(self) -> frozenset[Address]:
+        """The owners whose accepted announcements wait for their blocks."""
+        return frozenset(self._wanted)
+
     def want(self, announcement: Announcement, origin: ID, nursery: trio.Nursery) -> None:
         """Get and keep `announcement`'s backup (asking `origin` first), unless a newer
-        one of its owner is already wanted."""
+        one of its owner is already wanted. With `MAX_PENDING_OWNERS` owners pending, a
+        newcomer is dropped, unless it is a thread peer and an OTHER owner is pending: the
+        oldest such is then dropped instead (its fetch cancelled)."""
         owner = announcement.owner
         pending = self._wanted.get(owner)
         if pending is not None and pending[0].sequence >= announcement.sequence:
             return
         if pending is None and len(self._wanted) >= MAX_PENDING_OWNERS:
-            log.warning("too many backups being fetched; dropping %s's", owner)
-            return
+            self.dropped += 1
+            victim = None
+            if self.priority(owner) is Priority.THREAD_PEER:
+                victim = next((o for o in self._wanted if self.priority(o) is Priority.OTHER), None)
+            if victim is None:
+                log.info("too many backups being fetched; dropping %s's", owner)
+                return
+            log.info("too many backups being fetched; dropping %s's for %s's", victim, owner)
+            del self._wanted[victim]
+            scope = self._workers.pop(victim, None)
+            if scope is not None:
+                scope.cancel()
         self._wanted[owner] = (announcement, origin)
         if owner not in self._workers:
-            self._workers.add(owner)
-            nursery.start_soon(self._keep_owner, owner)
+            scope = trio.CancelScope()
+            self._workers[owner] = scope
+            nursery.start_soon(self._keep_owner, owner, scope)
 
-    async def _keep_owner(self, owner: Address) -> None:
+    async def _keep_owner(self, owner: Address, scope: trio.CancelScope) -> None:
+        """Keep the backups wanted of `owner` in turn, until none is left; `scope` is
+        cancelled when the owner is displaced from the pending table."""
         try:
-            while True:
-                announcement, origin = self._wanted[owner]
-                async with self._fetch_slots:
-                    try:
-                        await self._keep(announcement, origin)
-                    except Exception:
-                        log.exception("keeping the backup of %s failed", owner)
-                        self.failed += 1
-                if self._wanted.get(owner, (None,))[0] is announcement:
-                    del self._wanted[owner]
-                    return
+            with scope:
+                while True:
+                    pending = self._wanted.get(owner)
+                    if pending is None:
+                        return
+                    announcement, origin = pending
+                    if self.priority(owner) is Priority.THREAD_PEER:
+                        slots = self._thread_peer_slots
+                    else:
+                        slots = self._fetch_slots
+                    async with slots:
+                        try:
+                            await self._keep(announcement, origin)
+                        except Exception:
+                            log.exception("keeping the backup of %s failed", owner)
+                            self.failed += 1
+                    if self._wanted.get(owner, (None,))[0] is announcement:
+                        del self._wanted[owner]
+                        return
         finally:
-            self._workers.discard(owner)
+            if self._workers.get(owner) is scope:
+                del self._workers[owner]
 
     def _superseded(self, announcement: Announcement) -> bool:
         pending = self._wanted.get(announcement.owner)
@@ -696,16 +766,21 @@ class ReplicaKeeper:
             if not self._superseded(announcement):
                 log.info("backup %d of %s not kept: %s", announcement.sequence, owner, exc)
                 self.failed += 1
+                if exc.denied:
+                    self.denied += 1
             return
-        async with self._commit_lock:
-            update = offer(self.table, announcement, self.priority(owner))
-            if update.outcome not in (OfferOutcome.ADMITTED, OfferOutcome.REPLACED):
-                return
-            kept = update.table.get(owner)
-            assert kept is not None
-            evicted = tuple(a.owner for a in update.evict)
-            await self._store.commit_replica(kept, blocks, evicted, update.table.tick)
-            self.table = update.table
+        # Shielded: a worker displaced (cancelled) mid-commit must leave the table and the
+        # store in step.
+        with trio.CancelScope(shield=True):
+            async with self._commit_lock:
+                update = offer(self.table, announcement, self.priority(owner))
+                if update.outcome not in (OfferOutcome.ADMITTED, OfferOutcome.REPLACED):
+                    return
+                kept = update.table.get(owner)
+                assert kept is not None
+                evicted = tuple(a.owner for a in update.evict)
+                await self._store.commit_replica(kept, blocks, evicted, update.table.tick)
+                self.table = update.table
         self.kept += 1
         self.kept_at[owner] = trio.current_time()
         for gone in evicted:
@@ -715,20 +790,35 @@ class ReplicaKeeper:
 
     async def _fetch(self, announcement: Announcement, origin: ID) -> dict[bytes, bytes]:
         """Every block of `announcement`'s backup, checked. Retries transient failures
-        with back-off until `fetch_deadline`; raises `_FetchFailed`."""
-        deadline = trio.current_time() + self.fetch_deadline
+        with back-off until `fetch_deadline`, or until every peer asked has kept saying
+        it lacks the blocks for `DENIED_GRACE` seconds; raises `_FetchFailed`."""
+        now = trio.current_time()
+        deadline = now + self.fetch_deadline
+        denied_since: float | None = None  # every attempt since then: all peers lacked
         delay = FETCH_RETRY_MIN
         bad: set[ID] = set()
         while True:
             try:
                 return await self._fetch_once(announcement, origin, bad)
-            except (BlockError, HostError, BlockMissing) as exc:
+            except BlockUnavailable as exc:
                 problem: Exception = exc
+                denied = exc.every_peer_lacks
+            except (BlockError, HostError, BlockMissing) as exc:
+                problem, denied = exc, False
             except BackupError as exc:  # the owner announced something broken
                 raise _FetchFailed(str(exc)) from exc
             if self._superseded(announcement):
                 raise _FetchFailed("a newer backup was announced")
-            if trio.current_time() + delay > deadline:
+            now = trio.current_time()
+            if not denied:
+                denied_since = None
+            elif denied_since is None:
+                denied_since = now
+            elif now - denied_since >= DENIED_GRACE:
+                raise _FetchFailed(
+                    f"every peer lacks the blocks, for {DENIED_GRACE} s: {problem}", denied=True
+                )
+            if now + delay > deadline:
                 raise _FetchFailed(f"gave up after {self.fetch_deadline} s: {problem}")
             log.debug("blocks of %s not there yet (%s); again in %s s", origin, problem, delay)
             await trio.sleep(delay)
@@ -821,10 +911,15 @@ async def open_backups(
     state: Callable[[], roles.NodeState],
     settings: BackupSettings | None = None,
     content: ContentOf = backup_content,
+    *,
+    floor: int = 0,
 ) -> AsyncIterator[BackupService]:
     """Run the backup agent, the replica keeper and their network services on `host` (a
     running host whose key is `private_key`) until the block exits; see the module
     docstring. `state()` gives the node's current state, `content` what of it to back up.
+    `floor`: a sequence the node's backups may have reached without `backups.sqlite`
+    knowing (it was lost); if it is above the last recorded one, the state is announced at
+    once, above it.
 
     Raises `BackupStoreError` if `data_dir/backups.sqlite` cannot be used, `GossipError` if
     gossip cannot start. On exit the tasks stop, the protocols refuse new streams and the
@@ -859,6 +954,9 @@ async def open_backups(
                 interval=settings.interval,
                 content=content,
             )
+            if floor > snapshot.sequence:
+                log.info("no record of my backups: announcing above sequence %d", floor)
+                agent.observe_sequence(floor)
             keeper = ReplicaKeeper(
                 host=host,
                 domain=domain,

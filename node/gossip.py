@@ -10,6 +10,14 @@ Three services over a running `node.host.Host`, each an async context manager:
   back to it.
 - `open_block_service(host, store)` -> `BlockService`: serves the blocks pinned in a
   `BlockStore` and fetches blocks by CID (CIDv1, raw, sha2-256), verifying every byte.
+  Serving is bounded per inbound wantlist: repeated CIDs are merged (each block is sent
+  at most once), and at most `MAX_REPLY_BYTES` (4 MiB) of blocks are sent; a block past
+  that is answered as not held (DontHave if asked for), and the stream goes on serving.
+  A fetch therefore asks in wantlists of 8 CIDs (8 blocks of `MAX_BLOCK_BYTES` fit),
+  written at once on its stream. A store that is a `ServeWatcher` is told which
+  authenticated peer was sent which block, once the write is done
+  (`node.backup.ServedBlocks` counts each peer once). `BlockUnavailable.every_peer_lacks`
+  tells a fetch that every peer asked answered DontHave from one that ran out of time.
 - `serve_backup_requests(host, latest)` and `request_latest_announcement(host, peer, owner)`:
   "give me the latest announcement you hold for owner X" on its own stream.
 
@@ -66,7 +74,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import msgpack
 import trio
@@ -100,6 +108,7 @@ __all__ = [
     "BITSWAP_PROTOCOL",
     "MAX_ANNOUNCEMENT_BYTES",
     "MAX_BLOCK_BYTES",
+    "MAX_REPLY_BYTES",
     "BackupProtocolError",
     "BlockError",
     "BlockMismatch",
@@ -118,6 +127,7 @@ __all__ = [
     "InvalidCid",
     "LatestAnnouncement",
     "MemoryBlockStore",
+    "ServeWatcher",
     "Validator",
     "Verdict",
     "block_cid",
@@ -661,6 +671,14 @@ MAX_FETCH_PEERS: Final = 16
 """Connected peers asked, in turn, when no peer is given."""
 MAX_WANTS: Final = 1024
 """Most CIDs in one fetch, and in one inbound wantlist."""
+MAX_REPLY_BYTES: Final = 4 * 1024 * 1024
+"""Most bytes of blocks sent in answer to one inbound wantlist (after its repeated CIDs are
+merged); a wanted block that would go over is answered as not held (DontHave, when the
+want asks for one). A fetch asks in parts of `_WANTS_PER_MESSAGE` CIDs, whose blocks always
+fit, pipelined on one stream, so that a whole backup (up to MAX_SEALED_BYTES, 16 MiB, in
+65 children) comes in one fetch."""
+_WANTS_PER_MESSAGE: Final = MAX_REPLY_BYTES // MAX_BLOCK_BYTES
+"""CIDs in one outbound wantlist: 8 blocks of at most `MAX_BLOCK_BYTES` fit the cap."""
 SERVE_IDLE_TIMEOUT: Final = 30.0
 """Seconds a served bitswap stream may take to bring its next request and have it
 answered; after that it is closed."""
@@ -691,13 +709,23 @@ class BlockTooLarge(BlockError):
 class BlockUnavailable(BlockError):
     """Blocks not obtained: every peer asked lacked them, failed, or ran out of time.
 
-    `missing` lists their CIDs; `details` says what each peer did.
+    `missing` lists their CIDs; `details` says what each peer did. `every_peer_lacks` is
+    True when at least one peer was asked and every peer asked answered in full, saying
+    (DontHave) that it lacks what is missing: no timeout, no failure, no stream cut short.
     """
 
-    def __init__(self, message: str, missing: Iterable[bytes], details: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        message: str,
+        missing: Iterable[bytes],
+        details: Sequence[str] = (),
+        *,
+        every_peer_lacks: bool = False,
+    ) -> None:
         super().__init__(message)
         self.missing = tuple(missing)
         self.details = tuple(details)
+        self.every_peer_lacks = every_peer_lacks
 
 
 class BlockMismatch(BlockError):
@@ -735,6 +763,17 @@ class BlockStore(Protocol):
 
     async def delete(self, cid: bytes) -> None:
         """Unpin `cid` (no error if absent)."""
+        ...
+
+
+@runtime_checkable
+class ServeWatcher(Protocol):
+    """A `BlockStore` that wants to know what was sent to whom: if the store given to
+    `open_block_service` has this method, the service calls it for every block it served,
+    once the write that carried the block is done (`node.backup.ServedBlocks`)."""
+
+    def block_served(self, cid: bytes, peer: Address) -> None:
+        """`cid` was sent to the authenticated peer `peer` (quick; must not block)."""
         ...
 
 
@@ -884,11 +923,12 @@ class BlockService:
     """Serves pinned blocks over bitswap and fetches blocks; obtain one from
     `open_block_service`."""
 
-    __slots__ = ("_host", "_store")
+    __slots__ = ("_host", "_store", "_watcher")
 
     def __init__(self, host: Host, store: BlockStore) -> None:
         self._host = host
         self._store = store
+        self._watcher = store if isinstance(store, ServeWatcher) else None
 
     @property
     def store(self) -> BlockStore:
@@ -916,10 +956,11 @@ class BlockService:
     ) -> dict[bytes, bytes]:
         """Get the blocks `cids` from `peer_id`, or from connected peers in turn.
 
-        All wants go out in one message on a fresh stream; the peer answers with the
-        blocks and a DontHave for each block it lacks. Every block's bytes are hashed and
-        must be one of `cids`. Nothing is pinned: the caller decides. Returns {cid: data}
-        for every CID. Blocks we pinned ourselves are not fetched.
+        The wants go out at once on a fresh stream, in wantlists of `_WANTS_PER_MESSAGE`
+        (so that each answer fits `MAX_REPLY_BYTES`); the peer answers with the blocks and
+        a DontHave for each block it lacks. Every block's bytes are hashed and must be one
+        of `cids`. Nothing is pinned: the caller decides. Returns {cid: data} for every
+        CID. Blocks we pinned ourselves are not fetched.
 
         Raises `InvalidCid` (nothing sent), `BlockUnavailable` when blocks are still
         missing after every peer was asked or after `timeout` seconds (each peer gets at
@@ -939,13 +980,17 @@ class BlockService:
         if not missing:
             return found
         details: list[str] = []
+        complete: list[bool] = []  # per peer asked: it answered every want
         with trio.move_on_after(timeout) as scope:
             if peer_id is not None:
-                lacking = await self._fetch_from(peer_id, missing, found)
+                lacking, unanswered = await self._fetch_from(peer_id, missing, found)
+                complete.append(not unanswered)
                 if lacking:
                     details.append(f"{peer_id}: lacks {len(lacking)}")
+                if unanswered:
+                    details.append(f"{peer_id}: closed with {len(unanswered)} unanswered")
             else:
-                await self._fetch_from_any(missing, found, peer_timeout, details)
+                await self._fetch_from_any(missing, found, peer_timeout, details, complete)
         if scope.cancelled_caught:
             details.append(f"timed out after {timeout} s")
         still = [c for c in wanted if c not in found]
@@ -954,6 +999,7 @@ class BlockService:
                 f"{len(still)} of {len(wanted)} blocks unavailable: {'; '.join(details)}",
                 still,
                 details,
+                every_peer_lacks=bool(complete) and all(complete) and not scope.cancelled_caught,
             )
         return found
 
@@ -969,6 +1015,7 @@ class BlockService:
         found: dict[bytes, bytes],
         peer_timeout: float,
         details: list[str],
+        complete: list[bool],
     ) -> None:
         network = self._host.libp2p.get_network()
         peers = [p for p in list(network.connections) if p != self._host.peer_id]
@@ -978,33 +1025,42 @@ class BlockService:
             want = [c for c in missing if c not in found]
             if not want:
                 return
+            answered = False
             with trio.move_on_after(peer_timeout) as scope:
                 try:
-                    lacking = await self._fetch_from(peer, want, found)
+                    lacking, unanswered = await self._fetch_from(peer, want, found)
                 except (BlockError, HostError) as exc:
                     details.append(f"{peer}: {exc}")
-                    continue
-                if lacking:
-                    details.append(f"{peer}: lacks {len(lacking)}")
+                else:
+                    answered = not unanswered
+                    if lacking:
+                        details.append(f"{peer}: lacks {len(lacking)}")
+                    if unanswered:
+                        details.append(f"{peer}: closed with {len(unanswered)} unanswered")
             if scope.cancelled_caught:
                 details.append(f"{peer}: no answer within {peer_timeout} s")
+            complete.append(answered)
 
     async def _fetch_from(
         self, peer_id: ID | str, wanted: list[bytes], found: dict[bytes, bytes]
-    ) -> set[bytes]:
-        """Ask one peer for `wanted` on a fresh stream; blocks go into `found` as they
-        arrive (so they survive a timeout). Returns the CIDs the peer said it lacks, or
-        left unanswered when it closed the stream."""
+    ) -> tuple[set[bytes], set[bytes]]:
+        """Ask one peer for `wanted` on a fresh stream, in wantlists of
+        `_WANTS_PER_MESSAGE` written at once; blocks go into `found` as they arrive (so
+        they survive a timeout). Returns the CIDs the peer said it lacks, and those left
+        unanswered when it closed the stream."""
         stream = await self._host.new_stream(peer_id, BITSWAP_PROTOCOL)
         try:
-            request = BitswapMessage()
-            for cid in wanted:
-                entry = request.wantlist.entries.add()
-                entry.block = cid
-                entry.priority = 1
-                entry.wantType = BitswapMessage.Wantlist.Block
-                entry.sendDontHave = True
-            await _write(stream, _bitswap_frame(request))
+            requests: list[bytes] = []
+            for start in range(0, len(wanted), _WANTS_PER_MESSAGE):
+                request = BitswapMessage()
+                for cid in wanted[start : start + _WANTS_PER_MESSAGE]:
+                    entry = request.wantlist.entries.add()
+                    entry.block = cid
+                    entry.priority = 1
+                    entry.wantType = BitswapMessage.Wantlist.Block
+                    entry.sendDontHave = True
+                requests.append(_bitswap_frame(request))
+            await _write(stream, b"".join(requests))
             pending = set(wanted)
             lacking: set[bytes] = set()
             frames = _VarintFrames(_MAX_BLOCK_MESSAGE)
@@ -1012,14 +1068,14 @@ class BlockService:
                 data = await _read_some(stream)
                 if not data:
                     logger.debug("%s closed with %d blocks pending", peer_id, len(pending))
-                    return lacking | pending
+                    return lacking, pending
                 try:
                     messages = [_parse_bitswap(f) for f in frames.feed(data)]
                 except DecodeError as exc:
                     raise BlockMismatch(f"{peer_id} broke the bitswap framing: {exc}") from None
                 for message in messages:
                     _take_answer(peer_id, message, pending, found, lacking)
-            return lacking
+            return lacking, set()
         except StreamClosed as exc:  # our request could not be written
             raise BlockUnavailable(f"{peer_id}: {exc}", wanted) from exc
         finally:
@@ -1028,7 +1084,8 @@ class BlockService:
     async def serve(self, stream: FramedStream) -> None:
         """Answer bitswap wantlists on one inbound stream until it ends or idles.
 
-        Wants for blocks we hold get the block (one per message); the rest a DontHave
+        Each wantlist is answered on its own: repeated CIDs are merged, blocks we hold are
+        sent (one per message) up to `MAX_REPLY_BYTES` in all, the rest get a DontHave
         when asked for (`sendDontHave`, or a want-have). Blocks pushed at us are ignored.
         A malformed or oversized message resets the stream.
         """
@@ -1055,42 +1112,59 @@ class BlockService:
             return
 
     async def _answer(self, message: BitswapMessage, stream: FramedStream) -> None:
-        """Send the blocks and presences `message` asks for, ~1 MiB per write at most."""
-        frames: list[bytes] = []
-        size = 0
-        presences = BitswapMessage()
+        """Send the blocks and presences `message` asks for: each CID once, at most
+        `MAX_REPLY_BYTES` of blocks (a block over that is answered as not held), ~1 MiB
+        per write at most."""
+        wants: dict[bytes, tuple[bool, bool]] = {}  # cid: (block wanted, tell if lacking)
         for entry in message.wantlist.entries:
             if entry.cancel:
                 continue
             cid = bytes(entry.block)
+            block = entry.wantType != BitswapMessage.Wantlist.Have
+            tell = entry.sendDontHave or not block
+            was_block, was_told = wants.get(cid, (False, False))
+            wants[cid] = (was_block or block, was_told or tell)
+        budget = MAX_REPLY_BYTES
+        frames: list[bytes] = []
+        carried: list[bytes] = []  # the CIDs of the blocks in `frames`
+        size = 0
+        presences = BitswapMessage()
+        for cid, (block, tell) in wants.items():
             data = await self._store.get(cid) if is_block_cid(cid) else None
             if data is not None and len(data) > MAX_BLOCK_BYTES:
                 logger.error("pinned block %s is over the limit; not served", cid.hex())
                 data = None
-            if data is None:
-                if entry.sendDontHave or entry.wantType == BitswapMessage.Wantlist.Have:
+            if data is None or (block and len(data) > budget):
+                if tell:
                     presence = presences.blockPresences.add()
                     presence.cid = cid
                     presence.type = BitswapMessage.DontHave
-            elif entry.wantType == BitswapMessage.Wantlist.Have:
+            elif not block:
                 presence = presences.blockPresences.add()
                 presence.cid = cid
                 presence.type = BitswapMessage.Have
             else:
+                budget -= len(data)
                 reply = BitswapMessage()
-                block = reply.payload.add()
-                block.prefix = _CID_PREFIX
-                block.data = data
+                payload = reply.payload.add()
+                payload.prefix = _CID_PREFIX
+                payload.data = data
                 frames.append(_bitswap_frame(reply))
+                carried.append(cid)
                 size += len(frames[-1])
                 if size >= _WRITE_BYTES:
-                    await _write(stream, b"".join(frames))
-                    frames.clear()
-                    size = 0
+                    await self._send(stream, frames, carried)
+                    frames, carried, size = [], [], 0
         if presences.blockPresences:
             frames.append(_bitswap_frame(presences))
         if frames:
-            await _write(stream, b"".join(frames))
+            await self._send(stream, frames, carried)
+
+    async def _send(self, stream: FramedStream, frames: list[bytes], carried: list[bytes]) -> None:
+        await _write(stream, b"".join(frames))
+        if self._watcher is not None:
+            for cid in carried:
+                self._watcher.block_served(cid, stream.remote_address)
 
 
 class _Handlers:

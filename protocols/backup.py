@@ -94,6 +94,12 @@ HKDF_INFO: Final = b"weft backup v1"
 AAD_PREFIX: Final = b"weft backup aad v1"
 ANNOUNCEMENT_PREFIX: Final = b"\x19weft backup announcement v1"
 
+HELD_SENDER: Final = 1
+"""`BackupThread.held` bit: the sender's channel holds the thread."""
+HELD_RECEIVER: Final = 2
+"""`BackupThread.held` bit: the receiver's channel holds the thread."""
+HELD_BOTH: Final = HELD_SENDER | HELD_RECEIVER
+
 _UINT64_MAX: Final = 2**64 - 1
 
 
@@ -225,10 +231,16 @@ def _check_tuple_of(value: object, cls: type, what: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class BackupThread:
-    """One open or closing thread: its double-signed initial and latest states."""
+    """One open or closing thread: its double-signed initial and latest states, and `held`.
+
+    `held` says whose channels in this backup hold the thread's lock: `HELD_SENDER` (the
+    sender's channel), `HELD_RECEIVER` (the receiver's), or both (`HELD_BOTH`). Only the
+    type is checked here; `check_content` checks the value.
+    """
 
     initial: SignedThreadState
     latest: SignedThreadState
+    held: int
 
     def __post_init__(self) -> None:
         if (
@@ -236,10 +248,22 @@ class BackupThread:
             or type(self.latest) is not SignedThreadState
         ):
             raise InvalidValue("initial and latest must be SignedThreadState")
+        _check_uint64(self.held, "held")
 
     @property
     def key(self) -> ThreadKey:
         return self.initial.state.key
+
+    def held_in(self, user: Address) -> bool:
+        """Whether `user`'s channel holds the thread in this backup."""
+        return bool(self.held & held_bit(self.key, user))
+
+
+def held_bit(key: ThreadKey, party: Address) -> int:
+    """The `held` bit of `party`'s channel for thread `key`; 0 if it is not a party."""
+    if party == key.sender:
+        return HELD_SENDER
+    return HELD_RECEIVER if party == key.receiver else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +272,8 @@ class BackupContent:
 
     `channels`: the owner's channel (a user) or every channel (the hub), each the latest
     state with both signatures. `threads`: every open or closing thread, with the initial
-    state (for proofs against the thread root) and the latest double-signed state.
+    state (for proofs against the thread root), the latest double-signed state, and which
+    of the backed-up channels hold it (`held`).
     `hub` is the hub of the ChannelManager (`owner` itself for the hub's own backup).
     Only the types are checked here; `check_content` checks the rest.
     """
@@ -373,7 +398,12 @@ _SIGNED_CHANNEL_STATE: Final = RecordStruct(
 ).kind
 
 _BACKUP_THREAD: Final = RecordStruct(
-    BackupThread, [("initial", SIGNED_THREAD_STATE_FIELD), ("latest", SIGNED_THREAD_STATE_FIELD)]
+    BackupThread,
+    [
+        ("initial", SIGNED_THREAD_STATE_FIELD),
+        ("latest", SIGNED_THREAD_STATE_FIELD),
+        ("held", _UINT64),
+    ],
 ).kind
 
 _CONTENT: Final = RecordStruct(
@@ -525,9 +555,10 @@ def check_content(content: BackupContent, owner: Address, domain: Domain) -> Non
     - `NotOwnersState`: a user's backup holding another user's channel or a thread the
       owner is not a party of; a hub's backup holding a thread of a user without a channel
       in it;
-    - `InvalidEntry`: a channel whose user is the hub; a thread whose initial state has a
-      tx_count other than 0, whose latest state has another key, an older tx_count or
-      another total;
+    - `InvalidEntry`: a channel whose user is the hub; a thread whose `held` is not in
+      [1, 3], names a party without a channel in the content, or (a user's backup) is not
+      exactly the owner's bit; a thread whose initial state has a tx_count other than 0,
+      whose latest state has another key, an older tx_count or another total;
     - `BadBackupSignature`: any signature (hub, user, sender, receiver; initial and latest)
       that does not recover to its party.
     """
@@ -564,6 +595,14 @@ def check_content(content: BackupContent, owner: Address, domain: Domain) -> Non
                 raise NotOwnersState(f"threads[{i}]: neither party has a channel in the backup")
         elif owner not in parties:
             raise NotOwnersState(f"threads[{i}]: {owner} is not a party of the thread")
+        held = thread.held
+        if not 1 <= held <= HELD_BOTH:
+            raise InvalidEntry(f"threads[{i}]: held {held} not in [1, {HELD_BOTH}]")
+        if not owner_is_hub and held != held_bit(key, owner):
+            raise InvalidEntry(f"threads[{i}]: held {held} names another channel than the owner's")
+        for party in parties:
+            if held & held_bit(key, party) and party not in users:
+                raise InvalidEntry(f"threads[{i}]: held names {party}, without a channel here")
         if initial.tx_count != 0:
             raise InvalidEntry(f"threads[{i}]: initial state has tx_count {initial.tx_count}")
         if latest.key != key:

@@ -23,7 +23,6 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Final
@@ -37,7 +36,6 @@ from protocols.thread_root import thread_root
 from protocols.types import Address, ChannelState, Party, ThreadKey
 
 __all__ = [
-    "MAX_AMBIGUOUS_THREADS",
     "RECOVERY_NONCE_GAP",
     "RecoveryError",
     "backup_content",
@@ -46,11 +44,6 @@ __all__ = [
 
 RECOVERY_NONCE_GAP: Final = roles.RECOVERY_NONCE_GAP
 """Nonces a restored side treats as possibly signed above its backed-up latest state."""
-
-MAX_AMBIGUOUS_THREADS: Final = 3
-"""At most this many backed-up threads of a channel's user may be missing from its root
-(threads being opened or settled: locked in one party's channel and not yet, or no longer,
-in the other's)."""
 
 _BACKED_UP_PHASES: Final = frozenset(
     {th.ThreadPhase.OPEN, th.ThreadPhase.CLOSING, th.ThreadPhase.FINAL}
@@ -75,7 +68,10 @@ def backup_content(state: roles.NodeState, sequence: int) -> backup.BackupConten
     of mine is locked in them, and should the hub lock one later, my channel's resync brings
     it back (`roles`, `user_channel_synced`). The hub backs up every channel with a
     double-signed state and, once per key, the initial state of every thread those channels
-    hold (as both initial and latest: the hub signs no thread state).
+    hold (as both initial and latest: the hub signs no thread state). Each thread's `held`
+    names the backed-up channels that hold it: the user's own for a user; for the hub, the
+    sender's, the receiver's or both (a thread being opened or settled is locked in one
+    party's channel and not yet, or no longer, in the other's).
 
     Entries are sorted (channels by user, threads by key), so equal states give equal bytes.
     The result passes `backup.check_content(content, config.me, config.domain)`. Raises
@@ -98,14 +94,21 @@ def backup_content(state: roles.NodeState, sequence: int) -> backup.BackupConten
             initial = locked.get(key)
             if initial is None:
                 continue  # not (or no longer) locked in my channel: nothing of mine in it
-            threads[key] = backup.BackupThread(initial, latest)
+            threads[key] = backup.BackupThread(initial, latest, backup.held_bit(key, config.me))
         for key, initial in locked.items():
-            threads.setdefault(key, backup.BackupThread(initial, initial))
+            held = backup.held_bit(key, config.me)
+            threads.setdefault(key, backup.BackupThread(initial, initial, held))
     else:
+        initials: dict[ThreadKey, SignedThreadState] = {}
+        holders: dict[ThreadKey, int] = {}
         for signed in channels:
-            for initial in state.channels[signed.state.user].threads:
+            user = signed.state.user
+            for initial in state.channels[user].threads:
                 key = initial.state.key
-                threads.setdefault(key, backup.BackupThread(initial, initial))
+                initials.setdefault(key, initial)
+                holders[key] = holders.get(key, 0) | backup.held_bit(key, user)
+        for key, initial in initials.items():
+            threads[key] = backup.BackupThread(initial, initial, holders[key])
     return backup.BackupContent(
         owner=config.me,
         domain=config.domain,
@@ -126,14 +129,15 @@ def restore_state(
 ) -> roles.NodeState:
     """The state a node with an empty store rebuilds from its checked backup `content`.
 
-    Every channel side stands at its backed-up latest state with the threads its root holds;
-    a user without a backed-up channel gets its genesis channel. The threads a user's channel
-    holds stand at their latest backed-up states, `OPEN` (a thread whose close had begun is
-    open again: the resync and a new close decide). Every side is awaiting its peer's sync
-    and counts `RECOVERY_NONCE_GAP` nonces above its latest as signed; the coordination is
-    empty but for `recovered` and (user) `last_thread_id`, which skips `RECOVERY_NONCE_GAP`
-    ids above the highest backed-up id I sent. So the restored node signs nothing at a
-    nonce or thread id it may have used, and builds on nothing older than its peers' latest.
+    Every channel side stands at its backed-up latest state with the backed-up threads whose
+    `held` names its user; a user without a backed-up channel gets its genesis channel. The
+    threads a user's channel holds stand at their latest backed-up states, `OPEN` (a thread
+    whose close had begun is open again: the resync and a new close decide). Every side is
+    awaiting its peer's sync and counts `RECOVERY_NONCE_GAP` nonces above its latest as
+    signed; the coordination is empty but for `recovered` and (user) `last_thread_id`, which
+    skips `RECOVERY_NONCE_GAP` ids above the highest backed-up id I sent. So the restored
+    node signs nothing at a nonce or thread id it may have used, and builds on nothing older
+    than its peers' latest.
 
     `gap` (at least `RECOVERY_NONCE_GAP`) is that number of nonces. The node draws it at
     random for each recovery (a multiple of `RECOVERY_NONCE_GAP`), so that two recoveries
@@ -142,8 +146,8 @@ def restore_state(
 
     `content` must have passed `backup.check_content` for `config.me` and `config.domain`;
     signatures are not checked again. Raises `RecoveryError` if the content is not this
-    node's (owner, domain, hub) or a channel's thread root cannot be rebuilt from the
-    backed-up threads.
+    node's (owner, domain, hub), a thread's `held` names a channel the backup lacks, or the
+    threads held in a channel do not give exactly its thread root and count.
     """
     if content.owner != config.me or content.domain != config.domain:
         raise RecoveryError("the backup is not of this node or not for this contract")
@@ -165,6 +169,13 @@ def restore_state(
             )
         except (LocalProtocolError, InvalidValue) as exc:
             raise RecoveryError(f"channel of {user}: {exc}") from None
+    for entry in content.threads:
+        for party in (entry.key.sender, entry.key.receiver):
+            if entry.held_in(party) and party not in channels:
+                raise RecoveryError(
+                    f"thread {entry.key.thread_id} is held in the channel of {party},"
+                    " which the backup lacks"
+                )
     threads: dict[ThreadKey, th.ThreadSide] = {}
     last_thread_id = 0
     if config.role is Party.USER:
@@ -199,24 +210,18 @@ def restore_state(
 def _channel_threads(
     state: ChannelState, backed_up: Iterable[backup.BackupThread]
 ) -> tuple[SignedThreadState, ...]:
-    """The initial states among `backed_up` that make up `state`'s thread root and count.
+    """The initial states of the threads among `backed_up` held in `state`'s channel.
 
-    Usually every backed-up thread of the channel's user is in its root; a thread being
-    opened or settled may be in one party's channel only, so up to `MAX_AMBIGUOUS_THREADS`
-    candidates may be left out. Raises `RecoveryError` if no choice matches.
+    Raises `RecoveryError` unless they give exactly `state`'s thread root and count.
     """
-    candidates = sorted(
-        (t.initial for t in backed_up if state.user in (t.key.sender, t.key.receiver)),
-        key=lambda t: t.state.key,
+    held = tuple(
+        sorted((t.initial for t in backed_up if t.held_in(state.user)), key=lambda t: t.state.key)
     )
-    extra = len(candidates) - state.thread_count
-    if extra < 0 or extra > MAX_AMBIGUOUS_THREADS:
+    if len(held) != state.thread_count:
         raise RecoveryError(
-            f"channel of {state.user}: {len(candidates)} backed-up threads for a root of"
+            f"channel of {state.user}: {len(held)} backed-up threads held for a root of"
             f" {state.thread_count}"
         )
-    for left_out in itertools.combinations(range(len(candidates)), extra):
-        chosen = tuple(t for i, t in enumerate(candidates) if i not in left_out)
-        if thread_root(t.state for t in chosen) == state.thread_root:
-            return chosen
-    raise RecoveryError(f"channel of {state.user}: the backed-up threads do not give its root")
+    if thread_root(t.state for t in held) != state.thread_root:
+        raise RecoveryError(f"channel of {state.user}: the threads held do not give its root")
+    return held

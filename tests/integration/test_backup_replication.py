@@ -25,6 +25,7 @@ from devnet.bench_backup import (
     wait_replicated,
 )
 from node.api import Node
+from node.backup import BACKUP_FILE
 from protocols.backup import (
     Announcement,
     DecryptionFailed,
@@ -146,3 +147,37 @@ async def test_backups_replicate_to_every_node(tmp_path: Path) -> None:
                 assert backups(node).subscription.dropped == 0
                 assert backups(node).keeper.rejected == 0
                 assert backups(node).keeper.failed == 0
+
+
+async def test_a_node_that_lost_its_backup_record_announces_above_its_old_backups(
+    tmp_path: Path,
+) -> None:
+    """A's backups.sqlite is deleted while it is down (its store stays): its backups start
+    again above the sequences it used, so the others keep them (not as replays)."""
+    with trio.fail_after(120):
+        async with local_network(tmp_path, users=2) as net:
+            a, b = net.users
+            hub = net.hub
+            await a.deposit(Assets(ETHER, 10**18))
+            await hub.collateralize(b.address, Assets(ETHER, 10**18))
+            key = await a.open_thread(b.address, Assets(ETHER // 10, 10**17))
+            await a.pay(key, Assets(1000, 10))
+            before, _ = await wait_replicated(net, a, [hub, b], has_thread_at(a, key))
+            slot = next(s for s in net.user_slots if s.node is a)
+            await net.stop(slot)
+            last = backups(a).agent.own
+            assert last is not None and last.sequence >= before.sequence
+            for path in (tmp_path / slot.name).glob(f"{BACKUP_FILE}*"):  # -wal, -shm too
+                path.unlink()
+            # Past gossipsub's message cache (5 heartbeats of 1 s): no peer can hand A its
+            # last announcement back when it reconnects.
+            await trio.sleep(6)
+            a = await net.start(slot)
+            # At once, without a change of state: above every sequence A used.
+            after, _ = await wait_replicated(net, a, [hub, b], has_thread_at(a, key))
+            assert after.sequence > last.sequence
+            await a.pay(key, Assets(1000, 10))
+            newer, _ = await wait_replicated(net, a, [hub, b], has_thread_at(a, key))
+            assert newer.sequence > after.sequence
+            for node in (hub, b):
+                assert backups(node).keeper.rejected == 0

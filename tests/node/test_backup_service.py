@@ -9,6 +9,13 @@ test polls (`until`), its time limit is in real seconds for that reason.
 Keeper tests run real hosts on 127.0.0.1: an "announcer" (plain gossip and a block service
 that publishes whatever the test wants and serves any bytes under any CID, tampered ones
 included) and a node's full backup service (`open_backups`). Every network test is bounded.
+
+Hostile peers (a security review): a peer counts once among those that fetched the last
+backup however often it reads (test_a_peer_counts_once_however_often_it_reads); fake
+announcements whose blocks exist nowhere neither crowd out a thread peer's backup
+(test_thread_peer_is_kept_while_fakes_fill_the_pending_table) nor hold a fetch until the
+deadline when every peer says it lacks the blocks (test_backup_nobody_has_is_given_up_early);
+a backup of the maximum size is still kept (test_a_backup_of_the_maximum_size_is_kept).
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from typing import Any
 import pytest
 import trio
 from libp2p.peer.id import ID
-from trio.testing import MockClock
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from node.backup import (
     BACKUP_FILE,
+    MAX_PENDING_OWNERS,
     URGENT_GAP,
     BackupAgent,
     BackupService,
@@ -50,6 +58,7 @@ from node.backup_store import (
 )
 from node.gossip import (
     BlockService,
+    GossipConfig,
     GossipService,
     MemoryBlockStore,
     Verdict,
@@ -80,6 +89,7 @@ from protocols.backup import (
     pack_backup,
     parse_root,
     stored_bytes,
+    to_blocks,
 )
 from protocols.channel import SignedChannelState, genesis_state
 from protocols.eip712 import Domain
@@ -500,6 +510,39 @@ def test_thread_peers_and_fitting_the_table() -> None:
     assert set(dropped) == {other, HUB}
 
 
+async def test_a_peer_counts_once_however_often_it_reads() -> None:
+    """The block service tells `ServedBlocks` which peer it sent a block to: B fetching the
+    watched block again and again counts once, C once more; other blocks do not count."""
+    served = ServedBlocks(MemoryBlockStore())
+    with trio.fail_after(30):
+        async with (
+            open_host(_key()) as a,
+            open_host(_key()) as b,
+            open_host(_key()) as c,
+            open_block_service(a, served) as server,
+            open_block_service(b) as bs,
+            open_block_service(c) as cs,
+        ):
+            watched = await server.pin(b"the last block of a backup")
+            other = await server.pin(b"another block")
+            served.watch(watched)
+            await b.connect(a.peer_id, a.listen_addrs)
+            await c.connect(a.peer_id, a.listen_addrs)
+            for _ in range(3):
+                assert await bs.fetch([watched, other], a.peer_id, timeout=STEP)
+            await until(lambda: served.served(watched) >= 1, "B counted")
+            await cs.fetch_one(watched, a.peer_id, timeout=STEP)
+            with trio.fail_after(STEP):
+                await served.wait_served(watched, lambda n: n >= 2)
+            await wait_all_tasks_blocked()
+            assert served.served(watched) == 2
+            assert served.served(other) == 0
+            served.watch(other)  # a new watch counts afresh
+            assert served.served(other) == 0 and served.served(watched) == 0
+            await cs.fetch_one(other, a.peer_id, timeout=STEP)
+            await until(lambda: served.served(other) == 1, "C counted for the new block")
+
+
 # ---------------------------------------------------------------- the keeper (real hosts)
 
 
@@ -531,12 +574,28 @@ class Announcer:
         await self.gossip.publish(TOPIC, data)
 
 
+class HangingStore(CountingStore):
+    """Serves the blocks pinned; asked for any other, never answers (a hostile peer)."""
+
+    async def get(self, cid: bytes) -> bytes | None:
+        data = await super().get(cid)
+        if data is None:
+            await trio.sleep_forever()
+        return data
+
+
+FAST_GOSSIP = GossipConfig(max_messages_per_topic_per_second=10_000)
+"""No spam limit in the way of a test publishing hundreds of announcements."""
+
+
 @asynccontextmanager
-async def announcer() -> AsyncIterator[Announcer]:
-    store = CountingStore()
+async def announcer(
+    store: CountingStore | None = None, config: GossipConfig | None = None
+) -> AsyncIterator[Announcer]:
+    store = store if store is not None else CountingStore()
     async with (
         open_host(_key()) as host,
-        open_gossip(host) as gossip,
+        open_gossip(host, config) as gossip,
         open_block_service(host, store) as blocks,
     ):
         await gossip.subscribe(TOPIC, lambda data: Verdict.ACCEPT)
@@ -750,6 +809,104 @@ async def test_thread_peers_rank_first(tmp_path: Path) -> None:
             await an.offer(later, blocks)
             await until(lambda: node.keeper.ignored == 1, "the stranger's ignored")
             assert held(node, owner.address) == mine
+
+
+def thread_peer_state(me: Address, peer: Address) -> roles.NodeState:
+    """A user's state with one open thread to `peer`."""
+    initial = ThreadState(1, me, peer, Assets(10, 0), Assets(0, 0), 0)
+    side = th.ThreadSide(DOMAIN, me, initial, th.ThreadPhase.OPEN, None, None, -1, -1)
+    return replace(user_state(me), threads={initial.key: side})
+
+
+def fake_announcement() -> Announcement:
+    """A correctly signed announcement, from a fresh key, of blocks that exist nowhere."""
+    return make_announcement(Signer(_key()), DOMAIN, 1, cid_of(os.urandom(16)), 1000)
+
+
+async def test_thread_peer_is_kept_while_fakes_fill_the_pending_table(tmp_path: Path) -> None:
+    """A peer announces more fakes than `MAX_PENDING_OWNERS` and never answers for their
+    blocks: the others' fetch slots are all taken and the pending table is full. A thread
+    peer's backup still displaces a pending fake and is kept at once (its fetch does not
+    wait behind the fakes'); more fakes are dropped, not queued."""
+    owner = Versions()
+    key = _key()
+    extra = 8
+    settings = BackupSettings(fetch_deadline=300.0, gossip=FAST_GOSSIP)
+    state = thread_peer_state(Signer(key).address, owner.address)
+    with trio.fail_after(120):
+        async with (
+            announcer(HangingStore(), FAST_GOSSIP) as an,
+            backup_node(tmp_path, key, settings, state=state) as (host, node),
+        ):
+            await link(an.host, an.gossip, host, node.gossip)
+            keeper = node.keeper
+            fakes = [fake_announcement() for _ in range(MAX_PENDING_OWNERS + extra)]
+            for start in range(0, len(fakes), 100):
+                for fake in fakes[start : start + 100]:
+                    await an.offer(fake, {})
+                sent = min(start + 100, len(fakes))
+                await until(lambda sent=sent: sum(keeper.heard.values()) >= sent, f"{sent} heard")
+            await until(lambda: keeper.dropped == extra, "the fakes past the table dropped")
+            assert len(keeper.pending) == MAX_PENDING_OWNERS
+            assert keeper.kept == keeper.failed == 0
+
+            mine, blocks = owner.pack(1)
+            await an.offer(mine, blocks)
+            await until(lambda: held(node, owner.address) == mine, "the thread peer's kept")
+            replica = keeper.table.get(owner.address)
+            assert replica is not None and replica.priority is Priority.THREAD_PEER
+            assert keeper.dropped == extra + 1  # one fake displaced
+            assert len(keeper.pending) == MAX_PENDING_OWNERS - 1
+            assert owner.address not in keeper.pending
+            assert keeper.failed == 0
+
+            for _ in range(2):  # the first takes the free place; an OTHER displaces nobody
+                await an.offer(fake_announcement(), {})
+            await until(lambda: keeper.dropped == extra + 2, "a late fake dropped")
+            assert len(keeper.pending) == MAX_PENDING_OWNERS
+
+
+async def test_backup_nobody_has_is_given_up_early(tmp_path: Path) -> None:
+    """Blocks every peer says (DontHave) it lacks: the fetch is given up long before its
+    deadline (`denied`), and the backup is no longer pending. Blocks that turn up within
+    `DENIED_GRACE` of the first DontHave (a relay still fetching them) are still fetched."""
+    owner, late = Versions(), Versions()
+    settings = BackupSettings(fetch_deadline=300.0)
+    with trio.fail_after(60):
+        async with announcer() as an, backup_node(tmp_path, settings=settings) as (host, node):
+            await link(an.host, an.gossip, host, node.gossip)
+            keeper = node.keeper
+            announcement, _ = owner.pack(1)
+            await an.offer(announcement, {})
+            await until(lambda: keeper.failed == 1, "the fetch given up", timeout=2 * STEP)
+            assert keeper.denied == 1
+            assert an.store.reads[announcement.root_cid] >= 4  # asked again meanwhile
+            assert owner.address not in keeper.pending
+            assert held(node, owner.address) is None
+
+            announcement, blocks = late.pack(1)
+            await an.offer(announcement, {})
+            # two rounds of DontHave (each asks the announcer twice), then the blocks
+            await until(lambda: an.store.reads[announcement.root_cid] >= 4, "DontHaves")
+            for cid, data in blocks.items():
+                await an.store.put(cid, data)
+            await until(lambda: held(node, late.address) == announcement, "the late one kept")
+            assert (keeper.failed, keeper.denied) == (1, 1)
+
+
+async def test_a_backup_of_the_maximum_size_is_kept(tmp_path: Path) -> None:
+    """A backup of MAX_SEALED_BYTES (65 children of up to 256 KiB) is fetched whole and
+    kept, within the serving peer's cap on one answer."""
+    owner = Versions()
+    root_cid, blocks = to_blocks(os.urandom(MAX_SEALED_BYTES))
+    announcement = make_announcement(owner.user, DOMAIN, 1, root_cid, MAX_SEALED_BYTES)
+    with trio.fail_after(90):
+        async with announcer() as an, backup_node(tmp_path) as (host, node):
+            await link(an.host, an.gossip, host, node.gossip)
+            await an.offer(announcement, blocks)
+            await until(lambda: held(node, owner.address) == announcement, "kept", timeout=4 * STEP)
+            assert await node.store.pinned(owner.address) == set(blocks)
+            assert node.keeper.failed == 0
 
 
 # ---------------------------------------------------------------- settings

@@ -12,13 +12,21 @@ Regression tests for the py-libp2p 0.8.1 workarounds in node/gossip.py:
   stops pubsub: test_malformed_pubsub_traffic_is_contained
 - own bitswap exchange instead of BitswapClient (1 s stall on repeated fetches):
   test_fetch_1mib_in_four_blocks (repeated fetches), test_library_client_fetches
+
+Serving is bounded (a security review): repeated CIDs of a wantlist are merged
+(test_repeated_wants_get_each_block_once), one wantlist is answered with at most
+`MAX_REPLY_BYTES` of blocks and the stream goes on serving
+(test_answer_is_capped_and_serving_goes_on), and a fetch asks in parts that fit the cap,
+so a backup of the maximum size still comes in one fetch
+(test_a_backup_of_the_maximum_size_fetches_whole).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from itertools import pairwise
 
@@ -27,6 +35,7 @@ import pytest
 import trio
 from libp2p.bitswap import BitswapClient
 from libp2p.bitswap import MemoryBlockStore as LibraryBlockStore
+from libp2p.bitswap.pb.bitswap_pb2 import Message as BitswapMessage
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.utils import encode_varint_prefixed
 
@@ -35,6 +44,7 @@ from node.gossip import (
     BITSWAP_PROTOCOL,
     MAX_ANNOUNCEMENT_BYTES,
     MAX_BLOCK_BYTES,
+    MAX_REPLY_BYTES,
     BackupProtocolError,
     BlockMismatch,
     BlockService,
@@ -64,6 +74,7 @@ from node.gossip import (
 )
 from node.host import Host, HostError, open_host
 from node.peer_stream import FramedStream, StreamClosed
+from protocols.backup import MAX_SEALED_BYTES, from_blocks, parse_root, to_blocks
 from protocols.errors import DecodeError, InvalidValue
 from protocols.signing import Signer
 from protocols.types import Address
@@ -516,6 +527,154 @@ async def test_fetch_1mib_in_four_blocks() -> None:
             assert await bs[2].fetch_one(own, timeout=STEP) == b"local"
 
 
+def _wantlist(cids: Sequence[bytes], *, have: bool = False) -> bytes:
+    """One bitswap request (varint-framed) for `cids`, each asking for a DontHave."""
+    message = BitswapMessage()
+    for cid in cids:
+        entry = message.wantlist.entries.add()
+        entry.block = cid
+        entry.wantType = BitswapMessage.Wantlist.Have if have else BitswapMessage.Wantlist.Block
+        entry.sendDontHave = True
+    return encode_varint_prefixed(message.SerializeToString())
+
+
+class RawAnswers:
+    """What a server sends on a raw bitswap stream: blocks and DontHaves, in order."""
+
+    def __init__(self, stream: FramedStream) -> None:
+        self.stream = stream
+        self.blocks: list[bytes] = []
+        self.lacking: list[bytes] = []
+        self.haves: list[bytes] = []
+        self._buffer = bytearray()
+
+    async def until_lacking(self, sentinel: bytes) -> None:
+        """Read until the server says it lacks `sentinel` (asked for after the rest)."""
+        while sentinel not in self.lacking:
+            data = await self.stream.raw.read(64 * 1024)
+            assert data, "the server closed the stream"
+            self._buffer += data
+            while (frame := self._next_frame()) is not None:
+                message = BitswapMessage()
+                message.ParseFromString(frame)
+                self.blocks += [bytes(b.data) for b in message.payload]
+                for presence in message.blockPresences:
+                    if presence.type == BitswapMessage.DontHave:
+                        self.lacking.append(bytes(presence.cid))
+                    else:
+                        self.haves.append(bytes(presence.cid))
+
+    def _next_frame(self) -> bytes | None:
+        size = shift = pos = 0
+        while True:
+            if pos >= len(self._buffer):
+                return None
+            byte = self._buffer[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if len(self._buffer) - pos < size:
+            return None
+        frame = bytes(self._buffer[pos : pos + size])
+        del self._buffer[: pos + size]
+        return frame
+
+
+async def test_repeated_wants_get_each_block_once() -> None:
+    """A wantlist naming one block 1000 times (and another 20 times, a missing one 3 times,
+    a want-have twice) gets each block once and each presence once."""
+    with trio.fail_after(20):
+        async with block_nodes(2) as (hs, bs):
+            a, c = hs
+            await c.connect(a.peer_id, a.listen_addrs)
+            big, small = os.urandom(10_000), b"small block"
+            big_cid, small_cid = await bs[0].pin(big), await bs[0].pin(small)
+            absent, sentinel = block_cid(b"nobody has this"), block_cid(b"sentinel")
+            stream = await c.new_stream(a.peer_id, BITSWAP_PROTOCOL)
+            wants = [big_cid] * 1000 + [small_cid] * 20 + [absent] * 3
+            await stream.raw.write(
+                _wantlist(wants)
+                + _wantlist([small_cid, small_cid], have=True)
+                + _wantlist([sentinel])
+            )
+            answers = RawAnswers(stream)
+            await answers.until_lacking(sentinel)
+            assert Counter(answers.blocks) == Counter({big: 1, small: 1})
+            assert answers.lacking == [absent, sentinel]
+            assert answers.haves == [small_cid]
+            await stream.close()
+
+
+async def test_answer_is_capped_and_serving_goes_on() -> None:
+    """One wantlist for 17 maximal blocks (8.5 MiB) gets at most `MAX_REPLY_BYTES` of them
+    and a DontHave for the rest; the same stream then serves the next wantlist, and other
+    peers fetch all 17 blocks (the fetcher asks in parts that fit the cap)."""
+    count = 2 * (MAX_REPLY_BYTES // MAX_BLOCK_BYTES) + 1
+    with trio.fail_after(30):
+        async with block_nodes(3) as (hs, bs):
+            a, b, c = hs
+            await c.connect(a.peer_id, a.listen_addrs)
+            await b.connect(a.peer_id, a.listen_addrs)
+            blocks = {block_cid(d): d for d in (os.urandom(MAX_BLOCK_BYTES) for _ in range(count))}
+            for data in blocks.values():
+                await bs[0].pin(data)
+            cids = list(blocks)
+            sentinel = block_cid(b"sentinel")
+            stream = await c.new_stream(a.peer_id, BITSWAP_PROTOCOL)
+            await stream.raw.write(_wantlist(cids) + _wantlist([sentinel]))
+            answers = RawAnswers(stream)
+            await answers.until_lacking(sentinel)
+            sent = {block_cid(d) for d in answers.blocks}
+            assert len(sent) == len(answers.blocks)
+            assert sum(map(len, answers.blocks)) <= MAX_REPLY_BYTES
+            assert len(sent) == MAX_REPLY_BYTES // MAX_BLOCK_BYTES
+            assert sorted([*sent, *answers.lacking]) == sorted([*cids, sentinel])
+
+            # the stream goes on serving: a block not sent before, asked for again
+            (unsent, *_) = (cid for cid in cids if cid not in sent)
+            again = block_cid(b"sentinel again")
+            await stream.raw.write(_wantlist([unsent]) + _wantlist([again]))
+            answers.blocks.clear()
+            await answers.until_lacking(again)
+            assert answers.blocks == [blocks[unsent]]
+            await stream.close()
+
+            # and the host too, to whole fetches of every block, from two peers at once
+            got: list[dict[bytes, bytes]] = []
+
+            async def fetch(service: BlockService) -> None:
+                got.append(await service.fetch(cids, a.peer_id, timeout=STEP))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, bs[1])
+                nursery.start_soon(fetch, bs[2])
+            assert got == [blocks, blocks]
+
+
+async def test_a_backup_of_the_maximum_size_fetches_whole() -> None:
+    """A sealed backup of MAX_SEALED_BYTES (a root and 65 children) is fetched in one
+    `fetch` of its children, from a given peer and from any peer (B, which lacks them,
+    may be asked first)."""
+    sealed = os.urandom(MAX_SEALED_BYTES)
+    root_cid, blocks = to_blocks(sealed)
+    with trio.fail_after(60):
+        async with block_nodes(3) as (hs, bs):
+            a, b, c = hs
+            for data in blocks.values():
+                await bs[0].pin(data)
+            await c.connect(b.peer_id, b.listen_addrs)
+            await c.connect(a.peer_id, a.listen_addrs)
+            for source in (a.peer_id, None):
+                root = await bs[2].fetch_one(root_cid, source, timeout=STEP)
+                children = list(parse_root(root_cid, root).children)
+                assert len(children) == 65
+                got = await bs[2].fetch(children, source, timeout=4 * STEP, peer_timeout=STEP)
+                got[root_cid] = root
+                assert from_blocks(root_cid, got.get, len(sealed)) == sealed
+
+
 async def test_lying_peer_is_rejected() -> None:
     """A serves other bytes than the CID names: C rejects them (`BlockMismatch`) and keeps
     nothing; asking any peer, C moves on to B, which has the real block."""
@@ -550,6 +709,10 @@ async def test_missing_blocks_fail_within_the_bound() -> None:
                 await bs[1].fetch([absent], a.peer_id, timeout=STEP)
             assert trio.current_time() - t0 < 1.0
             assert info.value.missing == (absent,)
+            assert info.value.every_peer_lacks
+            with pytest.raises(BlockUnavailable) as info:
+                await bs[1].fetch([absent], timeout=STEP)
+            assert info.value.every_peer_lacks
 
             async def silent(stream: FramedStream) -> None:
                 await trio.sleep_forever()
@@ -560,10 +723,12 @@ async def test_missing_blocks_fail_within_the_bound() -> None:
                 await bs[1].fetch([absent], a.peer_id, timeout=1.0)
             assert 0.9 <= trio.current_time() - t0 < 2.0
             assert "timed out" in str(info.value)
+            assert not info.value.every_peer_lacks
             t0 = trio.current_time()
-            with pytest.raises(BlockUnavailable):
+            with pytest.raises(BlockUnavailable) as info:
                 await bs[1].fetch([absent], timeout=5.0, peer_timeout=0.5)
             assert trio.current_time() - t0 < 2.0
+            assert not info.value.every_peer_lacks
 
 
 async def test_pin_unpin_and_bad_input() -> None:

@@ -17,6 +17,9 @@ from protocols import backup
 from protocols.backup import (
     BLOCK_BYTES,
     CID_PREFIX,
+    HELD_BOTH,
+    HELD_RECEIVER,
+    HELD_SENDER,
     MAX_ANNOUNCEMENT_BYTES,
     MAX_CONTENT_BYTES,
     MAX_SEALED_BYTES,
@@ -57,6 +60,7 @@ from protocols.backup import (
     encode_root,
     forget,
     from_blocks,
+    held_bit,
     make_announcement,
     offer,
     open_backup,
@@ -75,7 +79,8 @@ from protocols.keccak import keccak
 from protocols.messages import SignedThreadState
 from protocols.signing import Signer
 from protocols.thread_root import thread_root
-from protocols.types import Address, Assets, Party, ThreadState
+from protocols.types import Address, Assets, Party, ThreadKey, ThreadState
+from protocols.wire import SIGNED_THREAD_STATE_FIELD
 from tests.protocols.strategies import channel_states, signatures, signed_thread_states
 from tests.protocols.world import World
 
@@ -133,11 +138,16 @@ def signed_thread(
 
 
 def thread_entry(
-    sender: Signer, receiver: Signer, thread_id: int = 1, tx_count: int = 3
+    sender: Signer,
+    receiver: Signer,
+    thread_id: int = 1,
+    tx_count: int = 3,
+    held: int = HELD_SENDER,
 ) -> BackupThread:
     return BackupThread(
         signed_thread(sender, receiver, thread_id),
         signed_thread(sender, receiver, thread_id, tx_count, paid=tx_count),
+        held,
     )
 
 
@@ -149,7 +159,10 @@ def alice_content(sequence: int = 4) -> BackupContent:
         hub=HUB.address,
         sequence=sequence,
         channels=(signed_channel(ALICE),),
-        threads=(thread_entry(ALICE, BOB, 1), thread_entry(CAROL, ALICE, 2, tx_count=0)),
+        threads=(
+            thread_entry(ALICE, BOB, 1),
+            thread_entry(CAROL, ALICE, 2, tx_count=0, held=HELD_RECEIVER),
+        ),
     )
 
 
@@ -162,7 +175,7 @@ def hub_content() -> BackupContent:
         hub=HUB.address,
         sequence=1,
         channels=(signed_channel(ALICE), signed_channel(BOB)),
-        threads=(BackupThread(initial, initial),),
+        threads=(BackupThread(initial, initial, HELD_BOTH),),
     )
 
 
@@ -184,7 +197,13 @@ def contents(draw: st.DrawFn) -> BackupContent:
     )
     threads = draw(
         st.lists(
-            st.builds(BackupThread, signed_thread_states(), signed_thread_states()), max_size=3
+            st.builds(
+                BackupThread,
+                signed_thread_states(),
+                signed_thread_states(),
+                st.integers(0, 2**64 - 1),
+            ),
+            max_size=3,
         )
     )
     return BackupContent(
@@ -236,7 +255,7 @@ def test_states_from_real_machines_pass_the_check() -> None:
         world.hub.address,
         1,
         (side.latest,),
-        tuple(BackupThread(t, thread_side.latest) for t in side.threads),
+        tuple(BackupThread(t, thread_side.latest, held_bit(t.state.key, a)) for t in side.threads),
     )
     # The channel's thread root commits to exactly the backed-up initial states.
     assert side.latest.state.thread_root == thread_root(
@@ -245,13 +264,18 @@ def test_states_from_real_machines_pass_the_check() -> None:
     check_content(decode_content(encode_content(user_content)), a, DOMAIN)
     hub_sides = [world.channels[u].hub_end.state for u in (a, b)]
     initials = {t.state.key: t for s in hub_sides for t in s.threads}
+    held: dict[ThreadKey, int] = {}
+    for s in hub_sides:
+        for t in s.threads:
+            held[t.state.key] = held.get(t.state.key, 0) | held_bit(t.state.key, s.user)
+    assert set(held.values()) == {HELD_BOTH}  # open in both channels
     hub_backup = BackupContent(
         world.hub.address,
         DOMAIN,
         world.hub.address,
         9,
         tuple(s.latest for s in hub_sides),
-        tuple(BackupThread(t, t) for t in initials.values()),
+        tuple(BackupThread(t, t, held[k]) for k, t in initials.items()),
     )
     check_content(decode_content(encode_content(hub_backup)), world.hub.address, DOMAIN)
     with pytest.raises(BadBackupSignature):  # the world signs for its own domain only
@@ -335,6 +359,63 @@ def test_malformed_content_is_refused(make: object, needle: str) -> None:
 def test_non_canonical_sequence_is_in_the_expected_place() -> None:
     # Guards the byte surgery above: sequence 4 is followed by the channels array of 1.
     assert b"\x04\x91" in encode_content(alice_content())
+
+
+def _signed_thread_bytes(signed: SignedThreadState) -> bytes:
+    data: bytes = msgpack.packb(SIGNED_THREAD_STATE_FIELD.encode(signed))
+    return data
+
+
+@pytest.mark.parametrize("held", [HELD_SENDER, HELD_RECEIVER, HELD_BOTH])
+def test_held_is_a_thread_entrys_third_field_in_one_byte(held: int) -> None:
+    assert (HELD_SENDER, HELD_RECEIVER, HELD_BOTH) == (1, 2, 3)
+    initial = signed_thread(ALICE, BOB, 1)
+    latest = signed_thread(ALICE, BOB, 1, 3, paid=3)
+    content = dataclasses.replace(hub_content(), threads=(BackupThread(initial, latest, held),))
+    data = encode_content(content)
+    # The threads array (of one entry) ends the record: [initial, latest, held].
+    entry = b"\x93" + _signed_thread_bytes(initial) + _signed_thread_bytes(latest) + bytes((held,))
+    assert data.endswith(b"\x91" + entry)
+    decoded = decode_content(data)
+    assert decoded == content and decoded.threads[0].held == held
+    assert encode_content(decoded) == data
+    check_content(decoded, HUB.address, DOMAIN)
+
+
+def _content_with_thread_entry(change: object) -> bytes:
+    assert callable(change)
+    body = _valid_body()
+    threads = body[5]
+    assert isinstance(threads, list)
+    return _content_with_body([*body[:5], [change(threads[0]), *threads[1:]]])
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda e: e[:2], "threads\\[0\\]: BackupThread has 3 fields, got 2"),  # no `held`
+        (lambda e: [*e, 1], "threads\\[0\\]: BackupThread has 3 fields, got 4"),
+        (lambda e: [*e[:2], -1], "threads\\[0\\].held"),
+        (lambda e: [*e[:2], b"\x01"], "threads\\[0\\].held"),
+        (lambda e: [*e[:2], [1]], "threads\\[0\\].held"),
+    ],
+)
+def test_malformed_held_is_refused(change: object, needle: str) -> None:
+    with pytest.raises(BackupDecodeError, match=needle):
+        decode_content(_content_with_thread_entry(change))
+
+
+def test_held_has_one_encoding() -> None:
+    data = encode_content(hub_content())
+    assert data.endswith(b"\x03")  # the last thread's held, a positive fixint
+    assert decode_content(data).threads[-1].held == HELD_BOTH
+    for longer in (b"\xcc\x03", b"\xcd\x00\x03", b"\xcf" + (3).to_bytes(8, "big")):
+        with pytest.raises(BackupDecodeError, match="non-canonical"):
+            decode_content(data[:-1] + longer)
+    with pytest.raises(InvalidValue, match="held"):
+        BackupThread(signed_thread(ALICE, BOB), signed_thread(ALICE, BOB), 2**64)
+    with pytest.raises(InvalidValue, match="held"):
+        BackupThread(signed_thread(ALICE, BOB), signed_thread(ALICE, BOB), True)
 
 
 def test_oversized_content_is_refused_unparsed() -> None:
@@ -522,9 +603,11 @@ def test_duplicates_are_refused() -> None:
 def test_inconsistent_entries_are_refused() -> None:
     content = alice_content()
     cases = [
-        BackupThread(signed_thread(ALICE, BOB, 1, tx_count=1), signed_thread(ALICE, BOB, 1, 3)),
-        BackupThread(signed_thread(ALICE, BOB, 1), signed_thread(ALICE, BOB, 9, 3)),
-        BackupThread(signed_thread(ALICE, BOB, 1), signed_thread(BOB, ALICE, 1, 3)),
+        BackupThread(
+            signed_thread(ALICE, BOB, 1, tx_count=1), signed_thread(ALICE, BOB, 1, 3), HELD_SENDER
+        ),
+        BackupThread(signed_thread(ALICE, BOB, 1), signed_thread(ALICE, BOB, 9, 3), HELD_SENDER),
+        BackupThread(signed_thread(ALICE, BOB, 1), signed_thread(BOB, ALICE, 1, 3), HELD_SENDER),
     ]
     for entry in cases:
         with pytest.raises(InvalidEntry):
@@ -536,7 +619,9 @@ def test_inconsistent_entries_are_refused() -> None:
     )
     with pytest.raises(InvalidEntry, match="total"):
         check_content(
-            _with_thread(content, 0, BackupThread(signed_thread(ALICE, BOB, 1), unbalanced)),
+            _with_thread(
+                content, 0, BackupThread(signed_thread(ALICE, BOB, 1), unbalanced, HELD_SENDER)
+            ),
             ALICE.address,
             DOMAIN,
         )
@@ -545,6 +630,62 @@ def test_inconsistent_entries_are_refused() -> None:
         check_content(
             dataclasses.replace(hub, channels=(signed_channel(HUB, hub=HUB),)), HUB.address, DOMAIN
         )
+
+
+def _with_held(content: BackupContent, index: int, held: int) -> BackupContent:
+    return _with_thread(content, index, dataclasses.replace(content.threads[index], held=held))
+
+
+def _alice_without_channel() -> BackupContent:
+    return dataclasses.replace(alice_content(), channels=())
+
+
+def _hub_with_alices_channel_only() -> BackupContent:
+    hub = hub_content()
+    return dataclasses.replace(hub, channels=hub.channels[:1])
+
+
+@pytest.mark.parametrize(
+    ("make", "owner", "needle"),
+    [
+        # out of range, for a user and for the hub
+        (lambda: _with_held(alice_content(), 0, 0), ALICE, "held 0 not in"),
+        (lambda: _with_held(alice_content(), 0, 4), ALICE, "held 4 not in"),
+        (lambda: _with_held(hub_content(), 0, 0), HUB, "held 0 not in"),
+        (lambda: _with_held(hub_content(), 0, 4), HUB, "held 4 not in"),
+        (lambda: _with_held(hub_content(), 0, 2**64 - 1), HUB, "not in"),
+        # a user's backup names a channel that is not its own
+        (lambda: _with_held(alice_content(), 0, HELD_RECEIVER), ALICE, "owner's"),  # she sends
+        (lambda: _with_held(alice_content(), 1, HELD_SENDER), ALICE, "owner's"),  # she receives
+        (lambda: _with_held(alice_content(), 0, HELD_BOTH), ALICE, "owner's"),
+        (lambda: _with_held(alice_content(), 1, HELD_BOTH), ALICE, "owner's"),
+        # ... or its own channel, which the backup lacks
+        (_alice_without_channel, ALICE, "without a channel"),
+        # the hub's names a party without a channel in the backup (Bob's)
+        (lambda: _with_held(_hub_with_alices_channel_only(), 0, HELD_RECEIVER), HUB, "without"),
+        (lambda: _with_held(_hub_with_alices_channel_only(), 0, HELD_BOTH), HUB, "without"),
+    ],
+)
+def test_a_held_that_does_not_name_the_backups_channels_is_refused(
+    make: object, owner: Signer, needle: str
+) -> None:
+    assert callable(make)
+    with pytest.raises(InvalidEntry, match=needle) as info:
+        check_content(make(), owner.address, DOMAIN)
+    assert info.value.reason is BackupReason.INVALID_ENTRY
+
+
+def test_a_held_that_names_the_backups_channels_passes() -> None:
+    # The counterparts of the refusals above.
+    check_content(_with_held(hub_content(), 0, HELD_SENDER), HUB.address, DOMAIN)
+    check_content(_with_held(hub_content(), 0, HELD_RECEIVER), HUB.address, DOMAIN)
+    check_content(_with_held(_hub_with_alices_channel_only(), 0, HELD_SENDER), HUB.address, DOMAIN)
+    check_content(dataclasses.replace(_alice_without_channel(), threads=()), ALICE.address, DOMAIN)
+    content = alice_content()
+    assert [t.held for t in content.threads] == [HELD_SENDER, HELD_RECEIVER]
+    assert [t.held_in(ALICE.address) for t in content.threads] == [True, True]
+    assert [t.held_in(BOB.address) for t in content.threads] == [False, False]
+    assert held_bit(content.threads[0].key, MALLORY.address) == 0
 
 
 # ---------------------------------------------------------------- key and AEAD

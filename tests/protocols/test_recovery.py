@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from protocols import backup, recovery, roles
 from protocols import channel as ch
 from protocols import thread as th
+from protocols.backup import HELD_BOTH, HELD_RECEIVER, HELD_SENDER
 from protocols.eip712 import channel_state_digest, thread_state_digest
 from protocols.keccak import keccak
 from protocols.messages import (
@@ -101,6 +102,17 @@ def crash_and_restore(
             w.cut(node, other)
     node.state = recovery.restore_state(node.state.config, content, gap)
     w.step(node, ch.ContractReceiveBlock(w.ledger.now))  # the node reads the chain first
+
+
+def run_holding(w: RoleWorld, src: RoleNode, dst: RoleNode) -> None:
+    """Deliver until quiet, but for what `src` sends `dst` (held in flight, not lost)."""
+    held = (src.address, dst.address)
+    for _ in range(10_000):
+        busy = [link for link in w.busy() if link != held]
+        if not busy:
+            return
+        w.deliver_one(busy[0])
+    raise AssertionError("the links did not go quiet")
 
 
 def reconnect(w: RoleWorld, node: RoleNode, *peers: RoleNode) -> None:
@@ -201,6 +213,10 @@ def test_user_and_hub_backups_hold_their_double_signed_states_and_pass_the_check
     assert {t.key: t.latest for t in user.threads} == {k: thread_latest(a, k) for k in (k_ab, k_ca)}
     assert {t.key: t.initial for t in user.threads} == {t.state.key: t for t in a.channel().threads}
     assert [t.key for t in user.threads] == sorted([k_ab, k_ca])
+    assert [t.held for t in user.threads] == [
+        HELD_SENDER if t.key.sender == a.address else HELD_RECEIVER for t in user.threads
+    ]
+    assert {t.key: t.held for t in user.threads} == {k_ab: HELD_SENDER, k_ca: HELD_RECEIVER}
 
     hub_content = recovery.backup_content(hub.state, 1)
     assert hub_content.channels == tuple(
@@ -208,6 +224,7 @@ def test_user_and_hub_backups_hold_their_double_signed_states_and_pass_the_check
     )
     assert {t.key for t in hub_content.threads} == {k_ab, k_ca}
     assert all(t.initial == t.latest for t in hub_content.threads)
+    assert all(t.held == HELD_BOTH for t in hub_content.threads)  # open in both channels
 
 
 def test_backups_leave_out_what_is_not_double_signed_or_not_locked() -> None:
@@ -344,7 +361,7 @@ def test_restore_refuses_threads_that_do_not_give_the_channels_root() -> None:
     forged = replace(content.threads[0].initial.state, thread_id=99)
     original = content.threads[0].initial
     signed = replace(original, state=forged)  # restore checks roots, not signatures
-    wrong = replace(content, threads=(backup.BackupThread(signed, signed),))
+    wrong = replace(content, threads=(backup.BackupThread(signed, signed, HELD_SENDER),))
     with pytest.raises(recovery.RecoveryError, match="root"):
         recovery.restore_state(a.state.config, wrong)
 
@@ -364,8 +381,127 @@ def test_the_hub_rebuilds_each_channels_threads_while_an_open_is_half_done() -> 
     assert hub.channel(b.address).open_thread(key) is not None
     assert hub.channel(a.address).open_thread(key) is None
     content = recovery.backup_content(hub.state, 1)
+    assert [t.held for t in content.threads] == [HELD_RECEIVER]
     restored = recovery.restore_state(hub.state.config, content)
     check_restored(hub.state, restored)
+
+
+def half_open_world(count: int) -> tuple[RoleWorld, ThreadKey, list[ThreadKey]]:
+    """A thread B -> A open in both channels, then `count` opens A -> B that the hub locked
+    in B's channel and whose locks in A's channel it sent but A never got."""
+    w = world(("a", "b"))
+    a, b, hub = w.u["a"], w.u["b"], w.hub
+    full = open_thread(w, b, a, Assets(2, 2), NO_ASSETS)
+    for _ in range(count):
+        w.op(a, lambda i: roles.ActionOpenThread(i, b.address, Assets(1, 1), NO_ASSETS))
+        run_holding(w, hub, a)
+    half = sorted(k for k in a.state.threads if k != full)
+    assert len(half) == count
+    for key in half:
+        assert hub.channel(b.address).open_thread(key) is not None
+        assert hub.channel(a.address).open_thread(key) is None
+    assert w.pending(hub, a)  # the first lock in A's channel, not countersigned
+    return w, full, half
+
+
+@pytest.mark.parametrize("count", [1, 4, 6])
+def test_a_hub_with_many_threads_locked_in_the_receivers_channel_only_restores(
+    count: int,
+) -> None:
+    """The reproduction: a sender that never countersigns its locks (here, never gets them)
+    leaves threads locked in the receiver's channel only; the hub's backup says so and
+    restores each channel with exactly the threads its root holds."""
+    w, full, half = half_open_world(count)
+    a, b, hub = w.u["a"], w.u["b"], w.hub
+    content = take_backup(hub)
+    assert {t.key: t.held for t in content.threads} == {
+        full: HELD_BOTH,
+        **{k: HELD_RECEIVER for k in half},
+    }
+    restored = recovery.restore_state(hub.state.config, content)
+    check_restored(hub.state, restored)
+    assert [t.state.key for t in restored.channels[a.address].threads] == [full]
+    assert [t.state.key for t in restored.channels[b.address].threads] == sorted([full, *half])
+    assert recovery.backup_content(restored, 1) == content
+    crash_and_restore(w, hub, content)
+    reconnect(w, hub, a, b)
+    w.run()
+    w.agreed(a)
+    w.agreed(b)
+    check_no_equivocation(w)
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+@pytest.mark.parametrize("count", [1, 4, 6])
+def test_a_hub_with_many_threads_settled_in_one_channel_only_restores(
+    count: int, first: str
+) -> None:
+    """A closes `count` threads and both parties ask the hub to settle. The hub settles each
+    first in the channel of the party that did not ask first, then in the other's; those
+    second settles never reach their party, so the threads are held in its channel only."""
+    w = world(("a", "b"))
+    a, b, hub = w.u["a"], w.u["b"], w.hub
+    last, bit = (a, HELD_SENDER) if first == "a" else (b, HELD_RECEIVER)
+    keys = [open_thread(w, a, b, Assets(2, 2), NO_ASSETS) for _ in range(count)]
+    for key in keys:
+        pay(w, a, key, Assets(1, 0))
+    for key in keys:
+        w.op(a, lambda i, key=key: roles.ActionCloseThread(i, key))
+        w.deliver(a, b)
+        w.deliver(b, a)  # both final; both close requests are on their way to the hub
+        w.deliver(last, hub)  # its request first: the hub settles in its channel last
+        run_holding(w, hub, last)
+    other = b if last is a else a
+    for key in keys:
+        assert hub.channel(other.address).open_thread(key) is None
+        assert hub.channel(last.address).open_thread(key) is not None
+    assert w.pending(hub, last)  # the first settle in its channel, not countersigned
+    content = take_backup(hub)
+    assert {t.key: t.held for t in content.threads} == {k: bit for k in keys}
+    restored = recovery.restore_state(hub.state.config, content)
+    check_restored(hub.state, restored)
+    assert restored.channels[other.address].threads == ()
+    assert [t.state.key for t in restored.channels[last.address].threads] == sorted(keys)
+    assert recovery.backup_content(restored, 1) == content
+
+
+def _with_held(content: backup.BackupContent, held: dict[ThreadKey, int]) -> backup.BackupContent:
+    threads = tuple(replace(t, held=held.get(t.key, t.held)) for t in content.threads)
+    return replace(content, threads=threads)
+
+
+def test_restore_refuses_held_bits_that_do_not_give_the_channels_roots() -> None:
+    w, full, half = half_open_world(2)
+    a, b, hub = w.u["a"], w.u["b"], w.hub
+    content = take_backup(hub)
+    config = hub.state.config
+    recovery.restore_state(config, content)  # as backed up, it restores
+    # `full` is B -> A (A's bit is HELD_RECEIVER), each of `half` A -> B (A's: HELD_SENDER).
+    cases = [
+        # a bit cleared: A's channel holds `full` but no entry says so
+        ({full: HELD_SENDER}, "0 backed-up threads held for a root of 1"),
+        # a bit set: A's channel would hold a thread its root does not
+        ({half[0]: HELD_BOTH}, "2 backed-up threads held for a root of 1"),
+        # as many threads as the root, but not the ones it holds
+        ({full: HELD_SENDER, half[0]: HELD_BOTH}, "do not give its root"),
+    ]
+    for held, needle in cases:
+        with pytest.raises(recovery.RecoveryError, match=needle):
+            recovery.restore_state(config, _with_held(content, held))
+    # A bit naming a channel the backup lacks (which `check_content` refuses, too).
+    without_a = replace(
+        _with_held(content, {full: HELD_SENDER}),
+        channels=tuple(c for c in content.channels if c.state.user != a.address),
+    )
+    recovery.restore_state(config, without_a)  # B's channel alone restores
+    with pytest.raises(recovery.RecoveryError, match="lacks"):
+        recovery.restore_state(config, replace(without_a, threads=content.threads))
+    # A user's backup whose bit is not its own.
+    user_content = take_backup(b)
+    recovery.restore_state(b.state.config, user_content)
+    other = {t.key: HELD_BOTH ^ t.held for t in user_content.threads}
+    with pytest.raises(recovery.RecoveryError, match="root"):
+        recovery.restore_state(b.state.config, _with_held(user_content, other))
 
 
 # ---------------------------------------------------------------- 3. resync after restore
