@@ -284,14 +284,20 @@ def test_each_recovery_draws_its_own_gap() -> None:
         assert RECOVERY_NONCE_GAP <= gap <= RECOVERY_NONCE_GAP * recover.GAP_MULTIPLES
 
 
-async def test_a_backups_file_of_another_node_is_a_recovery_failure(tmp_path: Path) -> None:
-    v = Versions()
-    announcement, blocks = v.pack(4)
+def offered(v: Versions, sequence: int) -> tuple[_Seen, FakeBlocks]:
+    """`v`'s backup `sequence`, announced by one peer that holds its blocks."""
+    announcement, blocks = v.pack(sequence)
     src = peer()
     seen = _Seen()
     seen.add(announcement, src)
     fake = FakeBlocks()
     fake.give(src, blocks)
+    return seen, fake
+
+
+async def test_a_backups_file_of_another_node_is_a_recovery_failure(tmp_path: Path) -> None:
+    v = Versions()
+    seen, fake = offered(v, 4)
     BackupStore(tmp_path / BACKUP_FILE, Versions().address, DOMAIN).close()  # someone else's
     with pytest.raises(recover.RecoveryFailed, match=f"cannot write {BACKUP_FILE}"):
         await adopt(v, tmp_path, seen, fake)
@@ -302,12 +308,7 @@ async def test_a_cancellation_while_writing_leaves_whole_stores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     v = Versions()
-    announcement, blocks = v.pack(4)
-    src = peer()
-    seen = _Seen()
-    seen.add(announcement, src)
-    fake = FakeBlocks()
-    fake.give(src, blocks)
+    seen, fake = offered(v, 4)
     writing = trio.Event()
     write_store = recover._write_store
 
